@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from cbp_jax.data import sources as src_lib
 
@@ -42,6 +43,13 @@ class _SegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     RELEASE_NOTES = {"1.0.0": "Images and raw label PNGs with their original bytes."}
     DATASET = ""  # cbp_jax data set name
     SPLITS: dict[str, str] = {}  # TFDS split -> folder split
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # TFDS's default looks the module up through `importlib_resources`, which this
+        # environment lacks; the builders live in this file.
+        return epath.Path(__file__)
 
     def __init__(self, *, file_format="array_record", **kwargs):
         super().__init__(file_format=file_format, **kwargs)
