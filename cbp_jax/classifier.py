@@ -153,10 +153,14 @@ class LinearClassifier(nnx.Module):
             bias_init=nnx.initializers.zeros_init(),
             rngs=rngs,
         )
-        self.num_classes, self.dim = num_classes, dim
+        self.num_classes, self.dim, self.update = num_classes, dim, "learned"
 
     def __call__(self, features: jax.Array) -> jax.Array:
         return self.linear(features)
+
+    def orthogonality_loss(self) -> jax.Array:
+        """No penalty for a learned classifier: 0 (kept for a common interface)."""
+        return jnp.zeros((), jnp.float32)
 
     def class_weights(self) -> jax.Array:
         """The learned class weights as an ``(N, C)`` array, for the paper's analyses."""

@@ -67,6 +67,21 @@ def view_assignment(
     raise ValueError(f"views={views!r} is not one of {VIEWS}.")
 
 
+def _replicated_segment_sum(data: jax.Array, segment_ids: jax.Array, num_segments: int):
+    """``segment_sum`` whose (small) result is replicated, also under explicit-sharding meshes.
+
+    With auto (or no) mesh axes XLA inserts the cross-device reduction itself; explicit axes
+    need the output sharding spelled out, which ``auto_axes`` does.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+        return jax.ops.segment_sum(data, segment_ids, num_segments=num_segments)
+    return jax.sharding.auto_axes(
+        lambda d, s: jax.ops.segment_sum(d, s, num_segments=num_segments),
+        out_sharding=jax.sharding.PartitionSpec(),
+    )(data, segment_ids)
+
+
 def view_centroids(
     features: jax.Array,
     labels: jax.Array,
@@ -92,10 +107,9 @@ def view_centroids(
     trash = 2 * num_classes  # one extra segment collects the unlabelled pixels
     segment = jnp.where(valid, view_ids.reshape(-1) * num_classes + labels, trash)
     flat = features.reshape(-1, c).astype(jnp.float32)
-    sums = jax.ops.segment_sum(flat, segment, num_segments=trash + 1)[:trash]
-    counts = jax.ops.segment_sum(
-        jnp.ones_like(segment, jnp.float32), segment, num_segments=trash + 1
-    )[:trash]
+    sums = _replicated_segment_sum(flat, segment, trash + 1)[:trash]
+    counts = _replicated_segment_sum(jnp.ones_like(segment, jnp.float32), segment, trash + 1)
+    counts = counts[:trash]
     centroids = sums / jnp.maximum(counts, 1.0)[:, None]
     return centroids.reshape(2, num_classes, c), counts.reshape(2, num_classes)
 
