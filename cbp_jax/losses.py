@@ -1,0 +1,255 @@
+"""Segmentation losses: pixel cross-entropy and the Online Centroid Contrastive Loss (OCCL).
+
+Pure functions over channels-last arrays; they run under ``jax.jit`` and on batches sharded
+over devices (the centroid sums are ``segment_sum`` reductions, made global by XLA).
+Exact reading: ``docs/method.md`` section 2 (Eqs. 3-6 of the paper).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VIEWS = ("batch_halves", "random_pixels")
+
+
+def _require_integer_labels(labels: jax.Array, name: str = "labels") -> None:
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"{name} must have an integer dtype; got {labels.dtype}.")
+
+
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255) -> jax.Array:
+    """Mean softmax cross-entropy over labelled pixels; 0 (not NaN) when none is labelled.
+
+    Args:
+      logits: ``(..., N)`` class scores.
+      labels: ``(...)`` integer class ids; ``ignore_index`` marks unlabelled pixels.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {logits.shape} and labels {labels.shape} must agree on all but the last "
+            "axis; resize the logits to the label size first."
+        )
+    _require_integer_labels(labels)
+    valid = labels != ignore_index
+    safe_labels = jnp.where(valid, labels, 0)
+    logits = logits.astype(jnp.float32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
+        logits, safe_labels[..., None], axis=-1
+    ).squeeze(-1)
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def view_assignment(
+    labels: jax.Array, views: str = "batch_halves", key: jax.Array | None = None
+) -> jax.Array:
+    """Which of the two views each pixel belongs to: ``(B, H, W)`` int32 in {0, 1}.
+
+    ``"batch_halves"``: images ``0 .. B/2-1`` form view 0, the rest view 1 (B even).
+    ``"random_pixels"``: each pixel falls in either view with probability 1/2 (needs ``key``).
+    """
+    b = labels.shape[0]
+    if views == "batch_halves":
+        if b % 2:
+            raise ValueError(
+                f"views='batch_halves' needs an even batch; got labels {labels.shape} (B={b}). "
+                "Use an even (global) batch size or views='random_pixels'."
+            )
+        view_of_image = (jnp.arange(b) >= b // 2).astype(jnp.int32)
+        return jnp.broadcast_to(view_of_image[:, None, None], labels.shape)
+    if views == "random_pixels":
+        if key is None:
+            raise ValueError(
+                "views='random_pixels' needs a PRNG key: pass key=jax.random.key(...)."
+            )
+        return jax.random.bernoulli(key, 0.5, labels.shape).astype(jnp.int32)
+    raise ValueError(f"views={views!r} is not one of {VIEWS}.")
+
+
+def _replicated_segment_sum(data: jax.Array, segment_ids: jax.Array, num_segments: int):
+    """``segment_sum`` whose (small) result is replicated, also under explicit-sharding meshes.
+
+    With auto (or no) mesh axes XLA inserts the cross-device reduction itself; explicit axes
+    need the output sharding spelled out, which ``auto_axes`` does.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+        return jax.ops.segment_sum(data, segment_ids, num_segments=num_segments)
+    return jax.sharding.auto_axes(
+        lambda d, s: jax.ops.segment_sum(d, s, num_segments=num_segments),
+        out_sharding=jax.sharding.PartitionSpec(),
+    )(data, segment_ids)
+
+
+def view_centroids(
+    features: jax.Array,
+    labels: jax.Array,
+    view_ids: jax.Array,
+    num_classes: int,
+    ignore_index: int = 255,
+) -> tuple[jax.Array, jax.Array]:
+    """Eq. 3: per-view, per-class mean feature, with ``segment_sum`` over flattened pixels.
+
+    Args:
+      features: ``(B, H, W, C)``.
+      labels: ``(B, H, W)`` int; ``ignore_index`` and ids outside [0, N) are left out.
+      view_ids: ``(B, H, W)`` int in {0, 1}.
+      num_classes: N.
+
+    Returns:
+      ``(centroids, counts)``: ``(2, N, C)`` float32 means (0 where a class is absent) and
+      ``(2, N)`` float32 pixel counts.
+    """
+    c = features.shape[-1]
+    labels = labels.reshape(-1)
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    trash = 2 * num_classes  # one extra segment collects the unlabelled pixels
+    segment = jnp.where(valid, view_ids.reshape(-1) * num_classes + labels, trash)
+    flat = features.reshape(-1, c).astype(jnp.float32)
+    sums = _replicated_segment_sum(flat, segment, trash + 1)[:trash]
+    counts = _replicated_segment_sum(jnp.ones_like(segment, jnp.float32), segment, trash + 1)
+    counts = counts[:trash]
+    centroids = sums / jnp.maximum(counts, 1.0)[:, None]
+    return centroids.reshape(2, num_classes, c), counts.reshape(2, num_classes)
+
+
+def category_centroids(
+    features: jax.Array, labels: jax.Array, num_classes: int, ignore_index: int = 255
+) -> tuple[jax.Array, jax.Array]:
+    """Per-class mean feature over the whole batch: ``((N, C) float32, (N,) bool present)``."""
+    centroids, counts = view_centroids(
+        features, labels, jnp.zeros_like(labels, jnp.int32), num_classes, ignore_index
+    )
+    return centroids[0], counts[0] > 0
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+class OCCLTerms(NamedTuple):
+    """The two OCCL components, each averaged over the two views.
+
+    ``centroid`` = (L_v(1) + L_v(2)) / 2 (Eq. 4); ``category`` = (L_c(1) + L_c(2)) / 2 (Eq. 5).
+    Eq. 6 is ``centroid_weight * centroid + category_weight * category``.
+    """
+
+    centroid: jax.Array
+    category: jax.Array
+
+
+def _check_occl_inputs(features, labels, prototypes, tau):
+    if features.ndim != 4:
+        raise ValueError(f"features must be (B, H, W, C); got shape {features.shape}.")
+    if labels.shape != features.shape[:3]:
+        raise ValueError(
+            f"labels {labels.shape} must match features {features.shape} in (B, H, W); "
+            "nearest-downsample the labels to the feature resolution first."
+        )
+    _require_integer_labels(labels)
+    if prototypes.ndim != 2 or prototypes.shape[1] != features.shape[-1]:
+        raise ValueError(
+            f"prototypes {prototypes.shape} must be (N, C) with C = feature width "
+            f"{features.shape[-1]}; build them with dim={features.shape[-1]}."
+        )
+    if not tau > 0:
+        raise ValueError(f"tau must be positive; got {tau}.")
+
+
+def occl_terms(
+    features: jax.Array,
+    labels: jax.Array,
+    prototypes: jax.Array,
+    *,
+    tau: float = 0.07,
+    views: str = "batch_halves",
+    ignore_index: int = 255,
+    key: jax.Array | None = None,
+) -> OCCLTerms:
+    """The centroid (Eq. 4) and category (Eq. 5) terms of OCCL; see :func:`occl`."""
+    _check_occl_inputs(features, labels, prototypes, tau)
+    num_classes = prototypes.shape[0]
+    view_ids = view_assignment(labels, views, key)
+    centroids, counts = view_centroids(features, labels, view_ids, num_classes, ignore_index)
+    present = counts > 0  # (2, N)
+    valid = present[0] & present[1]  # (N,)
+
+    queries = _l2_normalize(centroids)  # (2, N, C) view centroids
+    keys = jax.lax.stop_gradient(_l2_normalize(centroids.mean(axis=0)))  # (N, C) category
+    protos = jax.lax.stop_gradient(_l2_normalize(prototypes.astype(jnp.float32)))
+
+    # Centroid loss: positive <v_i1, v_i2>, negatives <v_ix, sg(s_j)> over valid j != i.
+    positive = jnp.sum(queries[0] * queries[1], axis=-1) / tau  # (N,)
+    negatives = jnp.einsum("xic,jc->xij", queries, keys) / tau  # (2, N, N)
+    negative_mask = valid[None, :] & ~jnp.eye(num_classes, dtype=bool)  # (N, N), over j
+    logits = jnp.concatenate(
+        [
+            jnp.broadcast_to(positive, (2, num_classes))[..., None],
+            jnp.where(negative_mask[None], negatives, -jnp.inf),
+        ],
+        axis=-1,
+    )  # (2, N, 1 + N)
+    centroid_nll = jax.nn.logsumexp(logits, axis=-1) - positive[None]  # (2, N)
+    centroid = 0.5 * (_masked_mean(centroid_nll[0], valid) + _masked_mean(centroid_nll[1], valid))
+
+    # Category loss: softmax over all N prototypes, target the own class.
+    proto_logits = jnp.einsum("xic,jc->xij", queries, protos) / tau  # (2, N, N)
+    category_nll = jax.nn.logsumexp(proto_logits, axis=-1) - jnp.diagonal(
+        proto_logits, axis1=1, axis2=2
+    )  # (2, N)
+    category = 0.5 * (
+        _masked_mean(category_nll[0], present[0]) + _masked_mean(category_nll[1], present[1])
+    )
+    return OCCLTerms(centroid=centroid, category=category)
+
+
+def occl(
+    features: jax.Array,
+    labels: jax.Array,
+    prototypes: jax.Array,
+    *,
+    tau: float = 0.07,
+    centroid_weight: float = 1.0,
+    category_weight: float = 0.1,
+    views: str = "batch_halves",
+    ignore_index: int = 255,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Online Centroid Contrastive Loss, Eq. 6 (a scalar; 0 when no class qualifies).
+
+    View centroids (queries), category centroids (stop-gradient keys) and prototypes are
+    L2-normalized before every dot product. The prototypes are fixed targets: no gradient
+    reaches them through this loss.
+
+    Args:
+      features: ``(B, H, W, C)`` decode-head features (what the classifier sees).
+      labels: ``(B, H, W)`` int labels at the feature resolution.
+      prototypes: ``(N, C)`` class prototypes.
+      tau: temperature.
+      centroid_weight: lambda, the weight of the centroid term (Eq. 4).
+      category_weight: phi, the weight of the category term (Eq. 5).
+      views: ``"batch_halves"`` or ``"random_pixels"`` (needs ``key``).
+      ignore_index: label of unlabelled pixels.
+      key: PRNG key for ``views="random_pixels"``.
+    """
+    terms = occl_terms(
+        features, labels, prototypes, tau=tau, views=views, ignore_index=ignore_index, key=key
+    )
+    return centroid_weight * terms.centroid + category_weight * terms.category
+
+
+def nearest_downsample(labels: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Nearest-neighbour resize of ``(B, H, W)`` labels to ``size = (h, w)``.
+
+    Matches PyTorch ``F.interpolate(mode="nearest")``: source index ``floor(i * H / h)``.
+    """
+    b, h_in, w_in = labels.shape
+    h, w = size
+    rows = np.floor(np.arange(h) * (h_in / h)).astype(np.int32)
+    cols = np.floor(np.arange(w) * (w_in / w)).astype(np.int32)
+    return labels[:, rows][:, :, cols]
