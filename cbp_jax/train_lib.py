@@ -244,23 +244,21 @@ def make_train_step(
         images, labels = batch["image"], batch["label"]
         key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
 
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params, state["model_state"])
+        model = nnx.merge(graphdef, state["params"], state["model_state"])
+
+        def loss_fn(model):
             out = model(images, train=True)
             loss, metrics = segmentation_loss(
                 out, labels, model.classifier.class_weights(), cfg, key
             )
             loss += model.classifier.orthogonality_loss()
             metrics["loss"] = loss
-            _, _, model_state = split_model(model)  # updated BatchNorm statistics, RNG counts
-            return loss, (metrics, model_state, out["features"])
+            return loss, (metrics, out["features"])
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (metrics, model_state, features)), grads = grad_fn(state["params"])
+        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+        (loss, (metrics, features)), grads = grad_fn(model)  # BatchNorm statistics updated
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-
-        model = nnx.merge(graphdef, params, model_state)
+        nnx.update(model, optax.apply_updates(state["params"], updates))
         if model.classifier.update == "ema":
             small = losses.nearest_downsample(labels, features.shape[1:3])
             centroids, present = losses.category_centroids(features, small, cfg.num_classes)

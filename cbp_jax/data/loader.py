@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -117,19 +118,24 @@ def _to_global(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def _check_batch(global_batch_size: int, shard_count: int, mesh, data_axis: str) -> int:
+def _check_batch(
+    global_batch_size: int, shard_count: int, mesh, data_axis: str | tuple[str, ...]
+) -> int:
     if global_batch_size <= 0 or global_batch_size % shard_count:
         raise ValueError(
             f"global_batch_size={global_batch_size} must be a positive multiple of the "
             f"process count {shard_count}"
         )
     if mesh is not None:
-        if data_axis not in mesh.shape:
-            raise ValueError(f"mesh has no axis {data_axis!r}; its axes are {dict(mesh.shape)}")
-        if global_batch_size % mesh.shape[data_axis]:
+        axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
+        missing = [a for a in axes if a not in mesh.shape]
+        if missing:
+            raise ValueError(f"mesh has no axis {missing}; its axes are {dict(mesh.shape)}")
+        size = math.prod(mesh.shape[a] for a in axes)
+        if global_batch_size % size:
             raise ValueError(
                 f"global_batch_size={global_batch_size} is not divisible by the mesh's "
-                f"{data_axis!r} axis of size {mesh.shape[data_axis]}; pick a multiple of it"
+                f"{data_axis!r} axes of size {size}; pick a multiple of it"
             )
     return global_batch_size // shard_count
 
@@ -231,7 +237,7 @@ class TrainLoader(_BaseLoader):
         *,
         global_batch_size: int,
         mesh=None,
-        data_axis: str = "data",
+        data_axis: str | tuple[str, ...] = "data",
         seed: int = 0,
         num_workers: int = 0,
         read_threads: int = 1,
@@ -340,7 +346,7 @@ def make_train_loader(
     *,
     global_batch_size: int,
     mesh=None,
-    data_axis: str = "data",
+    data_axis: str | tuple[str, ...] = "data",
     seed: int = 0,
     num_workers: int = 0,
     read_threads: int = 1,
@@ -358,7 +364,7 @@ def make_train_loader(
         mesh: ``jax.sharding.Mesh``; batches become global ``jax.Array``s sharded along
             ``data_axis`` (built with ``jax.make_array_from_process_local_data``).
             None: per-process NumPy batches.
-        data_axis: mesh axis the batch dimension is sharded over.
+        data_axis: mesh axis (or tuple of axes) the batch dimension is sharded over.
         seed: shuffling and augmentation seed.
         num_workers: grain worker processes (0: in the main process).
         read_threads: threads per worker (or in the main process) making batches.
@@ -448,7 +454,7 @@ class EvalLoader(_BaseLoader):
         image_size: tuple[int, int],
         label_size: tuple[int, int],
         mesh=None,
-        data_axis: str = "data",
+        data_axis: str | tuple[str, ...] = "data",
         num_workers: int = 0,
         read_threads: int = 1,
         prefetch: int = 2,
@@ -507,7 +513,7 @@ def make_eval_loader(
     image_size: tuple[int, int],
     label_size: tuple[int, int],
     mesh=None,
-    data_axis: str = "data",
+    data_axis: str | tuple[str, ...] = "data",
     num_workers: int = 0,
     read_threads: int = 1,
     prefetch: int = 2,
