@@ -430,3 +430,21 @@ def test_similarity_heatmap_png(tmp_path):
     assert tuple(img[2, 7]) == (255, 255, 255)  # orthogonal: white
     sub = ev.save_similarity_heatmap(str(path), w, indices=[5, 0], cell=3)
     assert Image.open(path).size == (6, 6) and sub.shape == (2, 2)
+
+
+def test_prototype_analysis_class_separability():
+    from cbp_jax.prototypes import category_basis_prototypes
+
+    learned = np.random.default_rng(10).normal(size=(6, 8)) + 0.5
+    u = learned / np.linalg.norm(learned, axis=1, keepdims=True)
+    cos = u @ u.T
+    eq8 = 0.5 * (cos.sum() - np.trace(cos))  # Eq. 8, independent of cbp_jax.prototypes
+    got = ev.prototype_analysis(learned)
+    assert got["class_separability"] == pytest.approx(eq8, rel=1e-5)
+    assert got["max_abs_cos"] == pytest.approx(np.abs(cos - np.eye(6)).max(), rel=1e-12)
+
+    cbp = category_basis_prototypes(jax.random.key(0), 6, 8, length=2.0)
+    got = ev.prototype_analysis(np.asarray(cbp))
+    assert abs(got["class_separability"]) < 1e-4 and got["max_abs_cos"] < 1e-5
+    assert got["norm_min"] == pytest.approx(2.0, rel=1e-5)
+    assert got["norm_max"] == pytest.approx(2.0, rel=1e-5)
