@@ -1,0 +1,176 @@
+"""Encoders, decode heads and segmentors, and the registry that builds them by name.
+
+    encoder = create_encoder("mit_b2", rngs=nnx.Rngs(0))            # images -> 4 maps
+    model = create("segformer_b2", num_classes=150, rngs=nnx.Rngs(0))
+    out = model(images, train=True)   # {"logits", "features"[, "aux_logits"]}
+
+Encoder names: ``mit_b0`` .. ``mit_b5``, ``convnext_tiny|small|base|large``.
+Segmentor names: ``segformer_b0`` .. ``segformer_b5``, ``upernet_convnext_tiny|small|base|large``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+
+from cbp_jax.classifier import CBPClassifier, LinearClassifier
+from cbp_jax.models.convnext import CONVNEXT_VARIANTS, ConvNeXt, ConvNeXtConfig
+from cbp_jax.models.heads import FCNHead, SegFormerHead, SegFormerMLPHead, UperNetHead
+from cbp_jax.models.mit import MIT_VARIANTS, MiTConfig, MixTransformer
+from cbp_jax.models.segmentor import Segmentor
+
+__all__ = [
+    "ConvNeXt",
+    "ConvNeXtConfig",
+    "FCNHead",
+    "MiTConfig",
+    "MixTransformer",
+    "SegFormerHead",
+    "SegFormerMLPHead",
+    "Segmentor",
+    "UperNetHead",
+    "create",
+    "create_encoder",
+    "ENCODERS",
+    "SEGMENTORS",
+]
+
+ENCODERS = tuple(MIT_VARIANTS) + tuple(CONVNEXT_VARIANTS)
+SEGMENTORS = tuple(f"segformer_b{i}" for i in range(6)) + tuple(
+    f"upernet_{n}" for n in CONVNEXT_VARIANTS
+)
+_ENCODER_KWARGS = ("dtype", "dwconv_impl")
+
+
+def _unknown(kind: str, name: str, bad, valid) -> ValueError:
+    return ValueError(
+        f"Unknown {kind} override(s) {sorted(bad)} for {name!r}. Valid: {sorted(valid)}."
+    )
+
+
+def create_encoder(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> MixTransformer | ConvNeXt:
+    """Builds an encoder by name; images (B, H, W, 3) -> [(B, H/4, W/4, C1), ..., C4].
+
+    Args:
+      name: ``mit_b0`` .. ``mit_b5`` or ``convnext_tiny|small|base|large``.
+      rngs: parameter init and the 'dropout' stream (stochastic depth).
+      **overrides: ``dtype`` (compute dtype), ``dwconv_impl`` ('auto' | 'xla' | 'shifted'),
+        or any field of :class:`MiTConfig` / :class:`ConvNeXtConfig` (e.g.
+        ``drop_path_rate``, ``norm_eps``, ``depths``).
+    """
+    if name in MIT_VARIANTS:
+        cls, cfg_cls, base = MixTransformer, MiTConfig, MIT_VARIANTS[name]
+    elif name in CONVNEXT_VARIANTS:
+        cls, cfg_cls, base = ConvNeXt, ConvNeXtConfig, CONVNEXT_VARIANTS[name]
+    else:
+        raise ValueError(f"Unknown encoder {name!r}. Known: {', '.join(ENCODERS)}.")
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    bad = set(overrides) - fields - set(_ENCODER_KWARGS)
+    if bad:
+        raise _unknown("encoder", name, bad, fields | set(_ENCODER_KWARGS))
+    cfg_over = {k: v for k, v in overrides.items() if k in fields}
+    for k, v in cfg_over.items():
+        if isinstance(v, list):
+            cfg_over[k] = tuple(v)
+    config = cfg_cls(**{**base, **cfg_over})
+    kwargs = {k: overrides[k] for k in _ENCODER_KWARGS if k in overrides}
+    return cls(config, rngs=rngs, **kwargs)
+
+
+_SEG_DEFAULTS = dict(
+    classifier="cbp",  # "cbp" | "linear"
+    cbp_length=1.0,
+    cbp_update="frozen",
+    cbp_init="equal_ortho",
+    cbp_normalize_features=False,
+    cbp_allow_non_orthogonal=False,
+    head=None,  # segformer: "mmseg" (default) | "mlp"; upernet: "upernet"
+    head_width=None,  # None: the variant's default
+    dropout=0.1,
+    aux=None,  # UperNet auxiliary FCN head; None: True for UperNet
+    aux_width=256,
+)
+
+
+def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> Segmentor:
+    """Builds a segmentor by name: ``model(images, train=bool)`` -> dict (see ``segmentor``).
+
+    Args:
+      name: ``segformer_b0`` .. ``segformer_b5`` or ``upernet_convnext_tiny|small|base|large``.
+      num_classes: N.
+      rngs: parameter init (and the CBP prototypes' key) and the 'dropout' stream.
+      **overrides:
+        ``classifier``: 'cbp' (default, frozen Category-Basis Prototypes) or 'linear'.
+        ``cbp_length`` (1.0), ``cbp_update`` ('frozen'), ``cbp_init`` ('equal_ortho'),
+        ``cbp_normalize_features`` (False), ``cbp_allow_non_orthogonal`` (False).
+        ``head``: SegFormer 'mmseg' (mmseg 1.x conv+BN+ReLU head, the paper's; default) or
+        'mlp' (original / HF Linear head, for HF-trained checkpoints).
+        ``head_width``: decoder width D (SegFormer 'mmseg' 256; 'mlp' 256 for B0/B1 and 768
+        for B2-B5; UperNet 512).
+        ``dropout`` (0.1) before the classifier; ``aux`` (UperNet: True), ``aux_width`` (256).
+        Anything else goes to :func:`create_encoder` (``dtype``, ``dwconv_impl``,
+        ``drop_path_rate``, ``norm_eps``, ...).
+    """
+    if name not in SEGMENTORS:
+        raise ValueError(f"Unknown segmentor {name!r}. Known: {', '.join(SEGMENTORS)}.")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r}; pass a positive int (150 for ADE20K).")
+    seg = {k: overrides.pop(k, v) for k, v in _SEG_DEFAULTS.items()}
+    dtype = overrides.get("dtype")
+    if name.startswith("segformer_"):
+        variant = name.removeprefix("segformer_")
+        encoder = create_encoder(f"mit_{variant}", rngs=rngs, **overrides)
+        head_kind = seg["head"] or "mmseg"
+        if head_kind == "mmseg":
+            width = seg["head_width"] or 256
+            head = SegFormerHead(
+                encoder.dims, width, dropout=seg["dropout"], dtype=dtype, rngs=rngs
+            )
+        elif head_kind == "mlp":
+            width = seg["head_width"] or (256 if variant in ("b0", "b1") else 768)
+            head = SegFormerMLPHead(
+                encoder.dims, width, dropout=seg["dropout"], dtype=dtype, rngs=rngs
+            )
+        else:
+            raise ValueError(f"head={head_kind!r} for {name!r}; use 'mmseg' or 'mlp'.")
+        use_aux = bool(seg["aux"])
+    else:
+        encoder = create_encoder(name.removeprefix("upernet_"), rngs=rngs, **overrides)
+        if seg["head"] not in (None, "upernet"):
+            raise ValueError(f"head={seg['head']!r} for {name!r}; UperNet models use 'upernet'.")
+        width = seg["head_width"] or 512
+        head = UperNetHead(encoder.dims, width, dropout=seg["dropout"], dtype=dtype, rngs=rngs)
+        use_aux = True if seg["aux"] is None else bool(seg["aux"])
+
+    if seg["classifier"] == "cbp":
+        classifier = CBPClassifier(
+            num_classes,
+            width,
+            length=seg["cbp_length"],
+            update=seg["cbp_update"],
+            init=seg["cbp_init"],
+            normalize_features=seg["cbp_normalize_features"],
+            allow_non_orthogonal=seg["cbp_allow_non_orthogonal"],
+            rngs=rngs,
+        )
+    elif seg["classifier"] == "linear":
+        classifier = LinearClassifier(num_classes, width, rngs=rngs)
+    else:
+        raise ValueError(f"classifier={seg['classifier']!r}; use 'cbp' or 'linear'.")
+
+    aux_head = aux_classifier = None
+    if use_aux:
+        aux_head = FCNHead(
+            encoder.dims,
+            seg["aux_width"],
+            in_index=2,
+            num_convs=1,
+            concat_input=False,
+            dropout=seg["dropout"],
+            dtype=dtype,
+            rngs=rngs,
+        )
+        aux_classifier = LinearClassifier(num_classes, seg["aux_width"], rngs=rngs)
+    return Segmentor(encoder, head, classifier, aux_head=aux_head, aux_classifier=aux_classifier)

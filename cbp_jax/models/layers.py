@@ -1,0 +1,252 @@
+"""Building blocks shared by the encoders and heads (channels last, (B, H, W, C)).
+
+Pure functions first (resize, adaptive pooling, depthwise conv), NNX modules on top.
+Resizing and pooling follow PyTorch exactly (``F.interpolate(mode="bilinear",
+align_corners=False)`` and ``nn.AdaptiveAvgPool2d``), written as small interpolation
+matrices applied with einsum: exact, static-shaped and fast on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Dtype = jnp.dtype | type | None
+
+DWCONV_IMPLS = ("auto", "xla", "shifted")
+
+trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02)
+conv_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of PyTorch's bilinear resize, align_corners=False."""
+    scale = n_in / n_out
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.maximum(src, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    m = np.zeros((n_out, n_in), np.float64)
+    np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(m, (np.arange(n_out), hi), frac)
+    return m.astype(np.float32)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of (B, H, W, C) to (B, h, w, C), as PyTorch with align_corners=False.
+
+    No antialiasing (``jax.image.resize`` antialiases when downsampling; PyTorch does not).
+    """
+    h_in, w_in = x.shape[1], x.shape[2]
+    h, w = int(size[0]), int(size[1])
+    if (h, w) == (h_in, w_in):
+        return x
+    mh = jnp.asarray(_bilinear_matrix(h_in, h), x.dtype)
+    mw = jnp.asarray(_bilinear_matrix(w_in, w), x.dtype)
+    x = jnp.einsum("oh,bhwc->bowc", mh, x)
+    return jnp.einsum("pw,bowc->bopc", mw, x)
+
+
+def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) averaging weights with PyTorch's bins floor(i*n/s) .. ceil((i+1)*n/s)."""
+    m = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        start = (i * n_in) // n_out
+        end = -((-(i + 1) * n_in) // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m.astype(np.float32)
+
+
+def adaptive_avg_pool(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
+    """``nn.AdaptiveAvgPool2d(size)`` on (B, H, W, C) -> (B, s, s, C); bins may overlap."""
+    sh, sw = (size, size) if isinstance(size, int) else size
+    mh = jnp.asarray(_adaptive_pool_matrix(x.shape[1], sh), x.dtype)
+    mw = jnp.asarray(_adaptive_pool_matrix(x.shape[2], sw), x.dtype)
+    x = jnp.einsum("oh,bhwc->bowc", mh, x)
+    return jnp.einsum("pw,bowc->bopc", mw, x)
+
+
+def resolve_dwconv_impl(impl: str) -> str:
+    """Picks the depthwise-conv formulation: 'shifted' on CPU, XLA's grouped conv elsewhere.
+
+    XLA:CPU's grouped convolution is several times slower than the shifted-slices sum
+    (docs/benchmarks.md); on GPU/TPU the native depthwise kernels are the fast path.
+    """
+    if impl not in DWCONV_IMPLS:
+        raise ValueError(f"dwconv_impl={impl!r} is not one of {DWCONV_IMPLS}.")
+    if impl == "auto":
+        return "shifted" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def depthwise_conv2d(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, *, padding: int, impl: str
+) -> jax.Array:
+    """Stride-1 depthwise conv of (B, H, W, C) with kernel (k, k, 1, C), symmetric padding.
+
+    ``impl='xla'`` uses ``lax.conv_general_dilated`` with ``feature_group_count=C``;
+    ``impl='shifted'`` sums k*k shifted slices of the padded input times per-channel
+    weights, accumulating in float32. Both give the same numbers (tested).
+    """
+    k = kernel.shape[0]
+    kernel = kernel.astype(x.dtype)
+    if impl == "xla":
+        y = jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(1, 1),
+            padding=((padding, padding), (padding, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1],
+        )
+    elif impl == "shifted":
+        h = x.shape[1] + 2 * padding - k + 1
+        w = x.shape[2] + 2 * padding - k + 1
+        xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        y = jnp.zeros((x.shape[0], h, w, x.shape[-1]), acc_dtype)
+        for i in range(k):
+            for j in range(k):
+                y = y + (xp[:, i : i + h, j : j + w, :] * kernel[i, j, 0]).astype(acc_dtype)
+        y = y.astype(x.dtype)
+    else:
+        raise ValueError(f"depthwise conv impl={impl!r}; use 'xla' or 'shifted'.")
+    if bias is not None:
+        y = y + bias.astype(x.dtype)
+    return y
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Stochastic depth: zero whole samples of (B, ...) with probability ``rate``, rescale."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class DepthwiseConv(nnx.Module):
+    """Depthwise k x k conv, stride 1, padding k // 2, with bias; kernel (k, k, 1, C)."""
+
+    def __init__(
+        self, channels: int, kernel_size: int, *, impl: str = "auto", dtype: Dtype = None, rngs
+    ):
+        fan_out = kernel_size * kernel_size  # PyTorch-style fan_out of a depthwise conv
+        std = math.sqrt(2.0 / fan_out)
+        self.kernel = nnx.Param(
+            std * jax.random.normal(rngs.params(), (kernel_size, kernel_size, 1, channels))
+        )
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+        self.padding = kernel_size // 2
+        self.impl = resolve_dwconv_impl(impl)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        return depthwise_conv2d(
+            x, self.kernel[...], self.bias[...], padding=self.padding, impl=self.impl
+        )
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth on the residual branch; identity at eval or with rate 0."""
+
+    def __init__(self, rate: float, *, rngs):
+        self.rate = float(rate)
+        self.rngs = rngs["dropout"].fork() if self.rate > 0 else nnx.data(None)
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        return drop_path(x, self.rate, self.rngs())
+
+
+def layer_norm(dim: int, eps: float, dtype: Dtype, rngs) -> nnx.LayerNorm:
+    """LayerNorm over the last axis, float32 parameters."""
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def linear(din: int, dout: int, dtype: Dtype, rngs, *, use_bias: bool = True) -> nnx.Linear:
+    """Linear with truncated-normal(0.02) kernel (in, out) and zero bias."""
+    return nnx.Linear(
+        din, dout, use_bias=use_bias, kernel_init=trunc_normal_02, dtype=dtype, rngs=rngs
+    )
+
+
+def conv(
+    din: int,
+    dout: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    use_bias: bool = True,
+    dtype: Dtype = None,
+    rngs,
+) -> nnx.Conv:
+    """Conv with PyTorch-style explicit symmetric padding; kernel (k, k, in, out)."""
+    return nnx.Conv(
+        din,
+        dout,
+        kernel_size=(kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        use_bias=use_bias,
+        kernel_init=conv_fan_out,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+class ConvBNReLU(nnx.Module):
+    """mmcv ConvModule: conv (no bias) -> BatchNorm -> ReLU.
+
+    BatchNorm statistics are means over every non-channel axis of the array it sees; under
+    ``jax.jit`` with a batch sharded by NamedSharding that array is the global batch, so the
+    statistics are global (SyncBN semantics) without an ``axis_name``. Momentum 0.1 in
+    PyTorch's convention (flax ``momentum=0.9``), eps 1e-5.
+    """
+
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        kernel_size: int = 1,
+        *,
+        padding: int | None = None,
+        dtype: Dtype = None,
+        rngs,
+    ):
+        pad = kernel_size // 2 if padding is None else padding
+        self.conv = conv(
+            din, dout, kernel_size, padding=pad, use_bias=False, dtype=dtype, rngs=rngs
+        )
+        self.bn = batch_norm(dout, dtype, rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """(B, H, W, din) -> (B, H, W, dout)."""
+        return jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))
+
+
+def batch_norm(dim: int, dtype: Dtype, rngs) -> nnx.BatchNorm:
+    """BatchNorm with PyTorch's defaults (momentum 0.1 -> flax 0.9, eps 1e-5)."""
+    return nnx.BatchNorm(
+        dim,
+        momentum=0.9,
+        epsilon=1e-5,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
