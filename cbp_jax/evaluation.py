@@ -20,6 +20,10 @@ Conventions follow mmsegmentation (0.x ``EncoderDecoder`` / 1.x ``SegTTAModel``)
   ``scale=None`` the ratio is relative to the given image (mmseg 1.x ``Resize(scale_factor)``).
 - Metrics: per-class intersection / union / label / prediction areas accumulated over the
   whole data set in a confusion matrix; NaN-ignoring means, x 100.
+
+Compilation: ``logits_fn`` compiles once per input shape it sees (one per crop size in slide
+mode; whole mode sees every test size, which ``aligned=True`` buckets to multiples of 32), and
+the small resize/argmax/confusion jits compile once per (input, label) shape pair.
 """
 
 from __future__ import annotations
@@ -559,7 +563,10 @@ def inference(
       out_size: (H0, W0) original label size the scores are resized to.
       mode: "whole" or "slide".
       crop, stride: slide window and step (required for "slide").
-      scale: keep-ratio test scale such as (2048, 512); None uses the images as given.
+      scale: keep-ratio test scale such as (2048, 512); None uses the images as given. The
+        resize runs here on the normalized float image; mmseg resizes the uint8 image with
+        OpenCV before normalizing (same bilinear formula, so they differ by uint8 rounding).
+        Resize in the data pipeline instead and leave ``scale`` None to match that exactly.
       aligned: NVlabs AlignedResize (sides rounded up to ``size_divisor``).
       ratios: multi-scale ratios (see ``eval_resize_sizes``).
       flip: also run horizontally flipped images.

@@ -81,6 +81,11 @@ def np_slide(fn, img, crop, stride):
     return preds / count
 
 
+def read_png(path):
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
 N = 5
 MIX = np.random.default_rng(0).normal(size=(3, N)).astype(np.float32)
 
@@ -193,6 +198,16 @@ def test_resize_bilinear_matches_numpy_reference(src, dst):
     x = np.random.default_rng(3).normal(size=(2, *src, 3)).astype(np.float32)
     got = np.asarray(ev.resize_bilinear(jnp.asarray(x), dst))
     np.testing.assert_allclose(got, np_resize(x, dst), atol=1e-5)
+
+
+def test_resize_bilinear_matches_opencv_inter_linear():
+    import cv2
+
+    x = np.random.default_rng(11).normal(size=(37, 51, 3)).astype(np.float32)
+    for dst in ((64, 85), (18, 25)):  # mmseg's test Resize uses cv2 INTER_LINEAR
+        ref = cv2.resize(x, dst[::-1], interpolation=cv2.INTER_LINEAR)
+        got = np.asarray(ev.resize_bilinear(jnp.asarray(x[None]), dst))[0]
+        np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
 def test_resize_bilinear_matches_torch_interpolate():
@@ -362,7 +377,7 @@ def test_evaluate_report_and_panels(tmp_path):
     assert metrics["num_images"] == 3
 
     assert len(metrics["panels"]) == 2
-    panel = np.asarray(Image.open(metrics["panels"][0]))
+    panel = read_png(metrics["panels"][0])
     assert panel.shape == (20, 3 * 28 + 2 * 4, 3)
     pal = ev.default_palette(N)
     gt_part = panel[:, 28 + 4 : 2 * 28 + 4]
@@ -423,10 +438,28 @@ def test_similarity_heatmap_png(tmp_path):
     w[5] = w[0] + w[1]  # cos 1/sqrt(2) with rows 0 and 1
     path = tmp_path / "heat.png"
     cos = ev.save_similarity_heatmap(str(path), w, cell=5)
-    img = np.asarray(Image.open(path))
+    img = read_png(path)
     assert img.shape == (30, 30, 3)
     np.testing.assert_allclose(cos[5, 0], 1 / np.sqrt(2), rtol=1e-12)
     assert tuple(img[2, 2]) == (178, 24, 43)  # diagonal: +1 red
     assert tuple(img[2, 7]) == (255, 255, 255)  # orthogonal: white
     sub = ev.save_similarity_heatmap(str(path), w, indices=[5, 0], cell=3)
-    assert Image.open(path).size == (6, 6) and sub.shape == (2, 2)
+    assert read_png(path).shape == (6, 6, 3) and sub.shape == (2, 2)
+
+
+def test_prototype_analysis_class_separability():
+    from cbp_jax.prototypes import category_basis_prototypes
+
+    learned = np.random.default_rng(10).normal(size=(6, 8)) + 0.5
+    u = learned / np.linalg.norm(learned, axis=1, keepdims=True)
+    cos = u @ u.T
+    eq8 = 0.5 * (cos.sum() - np.trace(cos))  # Eq. 8, independent of cbp_jax.prototypes
+    got = ev.prototype_analysis(learned)
+    assert got["class_separability"] == pytest.approx(eq8, rel=1e-5)
+    assert got["max_abs_cos"] == pytest.approx(np.abs(cos - np.eye(6)).max(), rel=1e-12)
+
+    cbp = category_basis_prototypes(jax.random.key(0), 6, 8, length=2.0)
+    got = ev.prototype_analysis(np.asarray(cbp))
+    assert abs(got["class_separability"]) < 1e-4 and got["max_abs_cos"] < 1e-5
+    assert got["norm_min"] == pytest.approx(2.0, rel=1e-5)
+    assert got["norm_max"] == pytest.approx(2.0, rel=1e-5)
