@@ -231,13 +231,18 @@ def segmentation_loss(
     return total, metrics
 
 
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: LossConfig
 ) -> Callable[[State, dict[str, jax.Array]], tuple[State, dict[str, jax.Array]]]:
     """``train_step(state, batch) -> (state, metrics)``, to be wrapped in ``jax.jit``.
 
-    A step whose loss is not finite leaves the state untouched (the step counter too) and
-    reports ``finite = False``, so the last good state can be saved before stopping.
+    A step whose loss, gradient or updated parameters are not finite leaves the state
+    untouched (the step counter too) and reports ``finite = False``, so the last good state
+    can be saved before stopping.
     """
 
     def train_step(state: State, batch: dict[str, jax.Array]):
@@ -273,10 +278,10 @@ def make_train_step(
             "opt_state": opt_state,
             "model_state": model_state,
         }
-        finite = jnp.isfinite(loss)
+        grad_norm, param_norm = _global_norm(grads), _global_norm(params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
-        metrics["finite"] = finite
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics |= {"finite": finite, "grad_norm": grad_norm, "param_norm": param_norm}
         return new_state, metrics
 
     return train_step

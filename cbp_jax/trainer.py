@@ -60,6 +60,18 @@ def source_from_config(config: ml_collections.ConfigDict, split: str):
     return source
 
 
+def mesh_from_config(config: ml_collections.ConfigDict):
+    """The ``("data", "fsdp")`` mesh of ``config.mesh`` over all devices (or the first
+    ``config.mesh.num_devices`` of a single process)."""
+    shape = {k: v for k, v in config.mesh.items() if k != "num_devices"}
+    devices = jax.devices()
+    if config.mesh.get("num_devices"):
+        if jax.process_count() > 1:
+            raise ValueError("config.mesh.num_devices is for single-process runs; leave it 0.")
+        devices = devices[: config.mesh.num_devices]
+    return sharding.make_mesh(shape, devices)
+
+
 def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
     devices = mesh.devices.size
     if config.batch_size % devices:
@@ -266,7 +278,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluates the workdir's checkpoint ``step`` (default latest), or ``weights`` if given."""
     sharding.initialize_distributed(**config.distributed)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = mesh_from_config(config)
     with jax.set_mesh(mesh):
         setup = Setup(config, mesh)
         state = setup.init_state()
@@ -310,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     # 1. Devices and processes.
     sharding.initialize_distributed(**config.distributed)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = mesh_from_config(config)
     _check_config(config, mesh)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -378,7 +390,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if step % config.log_every == 0 or last or preemption.requested:
                     scalars = _log(step, metrics, config, progress, writer)
                     if not scalars["finite"]:
-                        checkpointer.save(step - 1, state, loader.get_state(), force=True)
+                        good_step = int(state["step"])  # non-finite steps left the state alone
+                        if good_step not in checkpointer.manager.all_steps():
+                            checkpointer.save(good_step, state, loader.get_state(), force=True)
                         checkpointer.wait()
                         raise NonFiniteLossError(
                             f"Non-finite loss by step {step} (last logged values: {scalars}). "
@@ -388,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         )
                     losses[step] = scalars["loss"]
                 progress.update(1)
-                if checkpointer.manager.should_save(step) or last or preemption.requested:
+                if step % config.checkpoint.every == 0 or last or preemption.requested:
                     checkpointer.save(step, state, loader.get_state(), force=True)
                 if preemption.requested:
                     checkpointer.wait()

@@ -78,10 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.clip_norm = 0.0  # 0: no clipping (mmseg's recipes do not clip)
 
     # devices: mesh axes ("data", "fsdp"); -1 takes the remaining devices
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "num_devices": 0})  # 0: all
     # (regex on the parameter path, rule): "replicate" | "fsdp" | "None,fsdp,..."
     c.partition_rules = (
-        ("^(head|classifier|aux_head|aux_classifier)", "replicate"),
+        (r"(^|/)(head|classifier|aux_head|aux_classifier)/", "replicate"),  # small; whole
         (".*", "fsdp"),
     )
     c.distributed = ml_collections.ConfigDict()
