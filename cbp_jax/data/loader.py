@@ -44,6 +44,14 @@ def _parse_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    """Each grain worker is one process: one OpenCV thread avoids oversubscription."""
+    del worker_index, worker_count
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def _shard(shard_options) -> tuple[int, int]:
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
@@ -191,7 +199,8 @@ class _BaseLoader:
         )
         if num_workers > 0:
             it_ds = it_ds.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
+                grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+                worker_init_fn=_worker_init,
             )
         self._grain_it = iter(it_ds)
         self._prefetcher = _Prefetcher(self._grain_it, convert, prefetch)
