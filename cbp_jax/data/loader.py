@@ -418,11 +418,19 @@ class _EvalExample:
         lh, lw = self.label_size
         image = np.zeros((h, w, 3), np.float32)
         label = np.full((lh, lw), IGNORE_INDEX, np.uint8)
+        zero = np.zeros(2, np.int32)
+        padding = {"image": image, "label": label, "image_hw": zero, "label_hw": zero,
+                   "valid": np.bool_(False), "index": np.int32(-1), "name": ""}  # fmt: skip
         if index >= len(self.source):
-            zero = np.zeros(2, np.int32)
-            return {"image": image, "label": label, "image_hw": zero, "label_hw": zero,
-                    "valid": np.bool_(False), "index": np.int32(-1), "name": ""}  # fmt: skip
-        example, _ = _load(self.source, index, self.skip_bad_examples)
+            return padding
+        try:
+            example = self.source[index]
+        except BadExampleError as e:
+            if not self.skip_bad_examples:
+                raise
+            # Counted once as an invalid slot; never replaced, so nothing counts twice.
+            log.warning("eval: skipping bad example %d: %s", index, e)
+            return padding
         out = self.transform(example)
         img, lab = out["image"], out["label"]
         name = example["name"]
