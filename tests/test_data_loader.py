@@ -130,6 +130,8 @@ def test_bad_example_raises_or_is_skipped(tmp_path, caplog):
     with data.make_train_loader(src, tt, global_batch_size=4) as ld:
         with pytest.raises(data.BadExampleError, match="ADE_train_00000002.jpg"):
             next(ld)
+        with pytest.raises(data.BadExampleError, match="ADE_train_00000002.jpg"):
+            next(ld)  # a failed loader keeps failing instead of hanging
     src = data.make_source("ade20k", str(tmp_path), "train", skip_bad_examples=True)
     with data.make_train_loader(src, tt, global_batch_size=4) as ld:
         batches = _take(ld, 3)  # 12 examples over 3 epochs: the bad one is hit 3 times

@@ -149,6 +149,7 @@ class _Prefetcher:
         self._it, self._convert = iterator, convert
         self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
         self._stop = threading.Event()
+        self._final = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -169,7 +170,18 @@ class _Prefetcher:
             self._queue.put(("error", e))
 
     def get(self):
-        kind, value = self._queue.get()
+        if self._final is not None:  # the stream ended or failed: say so every time
+            kind, value = self._final
+        else:
+            while True:
+                try:
+                    kind, value = self._queue.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._queue.empty():
+                        raise RuntimeError("the loader's prefetch thread stopped") from None
+            if kind != "ok":
+                self._final = (kind, value)
         if kind == "error":
             raise value
         if kind == "end":
