@@ -36,6 +36,14 @@ with data.make_train_loader(src, tt, global_batch_size=4, mesh=mesh, seed=7) as 
         sums = jax.jit(lambda x: x.sum(axis=(1, 2, 3)), out_shardings=replicated)(batch["image"])
         labels = jax.jit(lambda x: x.sum(axis=(1, 2)), out_shardings=replicated)(batch["label"])
         out.append([np.asarray(sums).tolist(), np.asarray(labels).tolist()])
+et = data.test_transform((160, 120))
+val = data.make_source("scenes", split="val", num_images=5)
+with data.make_eval_loader(val, et, global_batch_size=4, mesh=mesh, image_size=(120, 160),
+                           label_size=(120, 160)) as loader:
+    for batch in loader:
+        index = jax.jit(lambda x: x, out_shardings=replicated)(batch["index"])
+        labels = jax.jit(lambda x: x.sum(axis=(1, 2)), out_shardings=replicated)(batch["label"])
+        out.append([np.asarray(index).tolist(), np.asarray(labels).tolist()])
 print("RESULT" + json.dumps(out))
 jax.distributed.shutdown()
 """
@@ -78,3 +86,14 @@ def test_two_processes_build_the_single_process_batches():
                 outs[0][step][0], batch["image"].sum(axis=(1, 2, 3)), rtol=1e-5
             )
             np.testing.assert_array_equal(outs[0][step][1], batch["label"].sum(axis=(1, 2)))
+    val = data.make_source("scenes", split="val", num_images=5)
+    with data.make_eval_loader(
+        val, data.test_transform((160, 120)), global_batch_size=4, image_size=(120, 160),
+        label_size=(120, 160),
+    ) as loader:  # fmt: skip
+        for step, batch in enumerate(loader, start=3):
+            assert outs[0][step][0] == batch["index"].tolist()
+            np.testing.assert_array_equal(
+                outs[0][step][1], batch["label"].astype(np.int64).sum(axis=(1, 2))
+            )
+    assert outs[0][3][0] + outs[0][4][0] == [0, 1, 2, 3, 4, -1, -1, -1]
