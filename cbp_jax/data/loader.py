@@ -122,7 +122,11 @@ class _TrainExample:
 def _to_global(batch: dict, sharding) -> dict:
     import jax
 
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    # np.array copies out of grain's shared memory: on CPU, jax may alias host buffers,
+    # which would keep every batch's shared-memory block alive until the array dies.
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.array(v)) for k, v in batch.items()
+    }
 
 
 def _check_batch(global_batch_size: int, shard_count: int, mesh, data_axis: str) -> int:
