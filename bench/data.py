@@ -83,7 +83,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="bench_data_")
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        run(args, tmp)
+
+
+def run(args, tmp: str) -> None:
     make_ade_like(tmp, args.images)
     cases = [
         (
