@@ -130,12 +130,23 @@ def test_bad_example_raises_or_is_skipped(tmp_path, caplog):
     with data.make_train_loader(src, tt, global_batch_size=4) as ld:
         with pytest.raises(data.BadExampleError, match="ADE_train_00000002.jpg"):
             next(ld)
+        with pytest.raises(data.BadExampleError, match="ADE_train_00000002.jpg"):
+            next(ld)  # a failed loader keeps failing instead of hanging
     src = data.make_source("ade20k", str(tmp_path), "train", skip_bad_examples=True)
     with data.make_train_loader(src, tt, global_batch_size=4) as ld:
         batches = _take(ld, 3)  # 12 examples over 3 epochs: the bad one is hit 3 times
         assert ld.num_skipped == 3
     assert batches[0]["image"].shape == (4, 16, 16, 3)
     assert "ADE_train_00000002.jpg" in caplog.text and "bad example(s) skipped" in caplog.text
+    # Evaluation never replaces a bad example (it would count another one twice).
+    et = data.test_transform((64, 32))
+    with data.make_eval_loader(
+        src, et, global_batch_size=4, image_size=(64, 64), label_size=(64, 80)
+    ) as ld:
+        b = next(ld)
+    assert b["valid"].tolist() == [True, True, False, True]
+    assert b["index"].tolist() == [0, 1, -1, 3]
+    assert [ex["index"] for ex in data.eval_examples(src, et)] == [0, 1, 3]
 
 
 def test_eval_loader_pads_and_covers_each_example_once(tmp_path):

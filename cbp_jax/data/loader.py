@@ -45,6 +45,14 @@ def _parse_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    """Each grain worker is one process: one OpenCV thread avoids oversubscription."""
+    del worker_index, worker_count
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def _shard(shard_options) -> tuple[int, int]:
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
@@ -115,7 +123,11 @@ class _TrainExample:
 def _to_global(batch: dict, sharding) -> dict:
     import jax
 
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    # np.array copies out of grain's shared memory: on CPU, jax may alias host buffers,
+    # which would keep every batch's shared-memory block alive until the array dies.
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.array(v)) for k, v in batch.items()
+    }
 
 
 def _check_batch(
@@ -147,6 +159,7 @@ class _Prefetcher:
         self._it, self._convert = iterator, convert
         self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
         self._stop = threading.Event()
+        self._final = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -167,7 +180,18 @@ class _Prefetcher:
             self._queue.put(("error", e))
 
     def get(self):
-        kind, value = self._queue.get()
+        if self._final is not None:  # the stream ended or failed: say so every time
+            kind, value = self._final
+        else:
+            while True:
+                try:
+                    kind, value = self._queue.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._queue.empty():
+                        raise RuntimeError("the loader's prefetch thread stopped") from None
+            if kind != "ok":
+                self._final = (kind, value)
         if kind == "error":
             raise value
         if kind == "end":
@@ -197,7 +221,8 @@ class _BaseLoader:
         )
         if num_workers > 0:
             it_ds = it_ds.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
+                grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+                worker_init_fn=_worker_init,
             )
         self._grain_it = iter(it_ds)
         self._prefetcher = _Prefetcher(self._grain_it, convert, prefetch)
@@ -415,11 +440,19 @@ class _EvalExample:
         lh, lw = self.label_size
         image = np.zeros((h, w, 3), np.float32)
         label = np.full((lh, lw), IGNORE_INDEX, np.uint8)
+        zero = np.zeros(2, np.int32)
+        padding = {"image": image, "label": label, "image_hw": zero, "label_hw": zero,
+                   "valid": np.bool_(False), "index": np.int32(-1), "name": ""}  # fmt: skip
         if index >= len(self.source):
-            zero = np.zeros(2, np.int32)
-            return {"image": image, "label": label, "image_hw": zero, "label_hw": zero,
-                    "valid": np.bool_(False), "index": np.int32(-1), "name": ""}  # fmt: skip
-        example, _ = _load(self.source, index, self.skip_bad_examples)
+            return padding
+        try:
+            example = self.source[index]
+        except BadExampleError as e:
+            if not self.skip_bad_examples:
+                raise
+            # Counted once as an invalid slot; never replaced, so nothing counts twice.
+            log.warning("eval: skipping bad example %d: %s", index, e)
+            return padding
         out = self.transform(example)
         img, lab = out["image"], out["label"]
         name = example["name"]

@@ -7,7 +7,9 @@ and crates are both rectangles, told apart by texture; colours are jittered and
 noise is added), so it is learnable but not trivial. One-pixel object outlines
 and occasional "void" patches are labelled 255 (ignore).
 
-Classes (8): sky, ground, box, ball, tent, crate, ring, pole.
+Classes (8): sky, ground, box, ball, tent, crate, ring, pole. Images are 120x160
+(H, W) by default; a matching pipeline is ``train_transform((96, 128), (160, 120))``
+and ``test_transform((160, 120))`` (the test resize is then the identity).
 """
 
 from __future__ import annotations

@@ -54,9 +54,10 @@ def resize(image: np.ndarray, hw: Size, nearest: bool = False) -> np.ndarray:
 
 def normalize(image: np.ndarray, mean=MEAN, std=STD) -> np.ndarray:
     """uint8 (H, W, 3) RGB -> float32 (image - mean) / std."""
-    mean = np.asarray(mean, np.float32)
-    inv_std = 1.0 / np.asarray(std, np.float32)
-    return (image.astype(np.float32) - mean) * inv_std
+    out = image.astype(np.float32)
+    out -= np.asarray(mean, np.float32)
+    out *= 1.0 / np.asarray(std, np.float32)
+    return out
 
 
 def _convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
@@ -121,9 +122,9 @@ def random_crop(
     if cat_max_ratio < 1.0:
         for _ in range(10):
             y0, y1, x0, x1 = box
-            values, counts = np.unique(label[y0:y1, x0:x1], return_counts=True)
-            counts = counts[values != ignore_index]
-            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            counts = np.bincount(label[y0:y1, x0:x1].ravel(), minlength=256)
+            counts[ignore_index] = 0
+            if np.count_nonzero(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
                 break
             box = _crop_box(label.shape, crop, rng)
     y0, y1, x0, x1 = box
