@@ -202,12 +202,20 @@ def evaluate_state(
     """
     from jax.experimental import multihost_utils
 
-    e = config.eval
-    device = jax.local_devices()[0]
     if jax.process_count() > 1:
         host_state = multihost_utils.process_allgather(state, tiled=True)
     else:
         host_state = jax.device_get(state)
+    device = jax.local_devices()[0]
+    local_mesh = jax.make_mesh(
+        (1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=[device]
+    )
+    with jax.set_mesh(local_mesh):
+        return _evaluate_on_device(config, graphdef, host_state, device, out_dir, progress, extra)
+
+
+def _evaluate_on_device(config, graphdef, host_state, device, out_dir, progress, extra):
+    e = config.eval
     local_state = jax.device_put(host_state, device)
     predict = jax.jit(train_lib.make_predict_fn(graphdef))
 
