@@ -411,6 +411,8 @@ def _download(repo_id: str) -> str:
             return huggingface_hub.hf_hub_download(repo_id, filename)
         except Exception as e:  # noqa: BLE001 - reported below, with the fix
             errors.append(f"{filename}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            if type(e).__name__ not in ("RemoteEntryNotFoundError", "EntryNotFoundError"):
+                break  # offline, or no such repo: the second file would fail the same way
     raise RuntimeError(
         f"Could not download {repo_id!r} from the Hugging Face hub (offline, or no such repo?).\n  "
         + "\n  ".join(errors)

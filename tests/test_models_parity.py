@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from safetensors.torch import load_file
 from flax import nnx
+from safetensors.torch import load_file
 from torch.nn import functional as F
+from torch_refs import images, nhwc, randomize_
 
 from cbp_jax import models, weights
 from cbp_jax.models import layers
-from torch_refs import images, nhwc, randomize_
 
 pytestmark = pytest.mark.parity
 TOL = 1e-4
@@ -191,7 +191,7 @@ def test_mit_other_layouts(hf_b0, tmp_path, layout):
 
 # ----------------------------------------------------------------------------- ConvNeXt
 
-TINY = dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
+TINY = dict(hidden_sizes=[96, 192, 384, 768], depths=[1, 1, 3, 1])  # tiny widths, shallow
 OUT = ["stage1", "stage2", "stage3", "stage4"]
 
 
@@ -211,7 +211,7 @@ def _hf_maps(hf, xt):
 def test_convnext_backbone_tiny(hf_convnext_tiny):
     hf, path = hf_convnext_tiny
     x, xt = images(1, 64, 64, seed=8)
-    enc = models.create_encoder("convnext_tiny", rngs=nnx.Rngs(0))
+    enc = models.create_encoder("convnext_tiny", depths=TINY["depths"], rngs=nnx.Rngs(0))
     report = weights.load_pretrained(enc, path)
     assert report.fresh == {}
     for ours, ref in zip(_forward(enc, x), _hf_maps(hf, xt), strict=True):
@@ -264,7 +264,7 @@ def test_convnext_other_layouts(hf_convnext_tiny, tmp_path, layout):
     path = tmp_path / "ckpt.pth"
     torch.save(sd, path)
     x, xt = images(1, 64, 64, seed=9)
-    enc = models.create_encoder("convnext_tiny", rngs=nnx.Rngs(0))
+    enc = models.create_encoder("convnext_tiny", depths=TINY["depths"], rngs=nnx.Rngs(0))
     report = weights.load_pretrained(enc, path)
     if layout == "timm":  # an ImageNet checkpoint: the output norms stay fresh
         assert report.fresh == {"encoder.out_norms": 8}
