@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers as T
 from flax import nnx
+from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from torch.nn import functional as F
 from torch_refs import images, nhwc, randomize_
@@ -337,3 +338,96 @@ def test_adaptive_avg_pool_matches_torch(hw, s):
     x = np.random.default_rng(0).normal(size=(2, *hw, 3)).astype(np.float32)
     ref = F.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), s)
     _close(layers.adaptive_avg_pool(x, s), nhwc(ref), 1e-5)
+
+
+# ----------------------------------------------------------------------------- loud failures
+
+
+@pytest.fixture(scope="module")
+def b0_encoder():
+    return models.create_encoder("mit_b0", rngs=nnx.Rngs(0), **HF_EPS)
+
+
+def _edited(hf_path, tmp_path, edit):
+    sd = {k: v.numpy() for k, v in load_file(hf_path / "model.safetensors").items()}
+    edit(sd)
+    save_file(sd, tmp_path / "edited.safetensors")
+    return tmp_path / "edited.safetensors"
+
+
+def test_renamed_key_fails_loudly_and_writes_nothing(hf_b0, b0_encoder, tmp_path):
+    def rename(sd):
+        sd["encoder.block.0.0.mlp.dense_1.weight"] = sd.pop("encoder.block.0.0.mlp.dense1.weight")
+
+    before = np.asarray(b0_encoder.stages[0].blocks[0].mlp.fc2.kernel[...]).copy()
+    with pytest.raises(ValueError) as err:
+        weights.load_pretrained(b0_encoder, _edited(hf_b0[1], tmp_path, rename))
+    msg = str(err.value)
+    assert "encoder.block.0.0.mlp.dense_1.weight" in msg  # the unexpected key
+    assert "stages.0.blocks.0.mlp.fc1.kernel" in msg  # the variable left without a value
+    assert "nothing was written" in msg
+    np.testing.assert_array_equal(b0_encoder.stages[0].blocks[0].mlp.fc2.kernel[...], before)
+
+
+def test_missing_key_and_wrong_shape_fail_loudly(hf_b0, b0_encoder, tmp_path):
+    def drop(sd):
+        del sd["encoder.layer_norm.3.bias"]
+
+    with pytest.raises(ValueError, match=r"get no value.*stages\.3\.norm\.bias"):
+        weights.load_pretrained(b0_encoder, _edited(hf_b0[1], tmp_path, drop))
+
+    def reshape(sd):
+        sd["encoder.layer_norm.3.weight"] = np.ones(7, np.float32)
+
+    with pytest.raises(
+        ValueError, match=r"shape mismatch.*stages\.3\.norm\.scale \(7,\) != \(256,\)"
+    ):
+        weights.load_pretrained(b0_encoder, _edited(hf_b0[1], tmp_path, reshape))
+
+
+def test_family_mismatch_names_the_fix(hf_b0):
+    convnext = nnx.eval_shape(
+        lambda: models.create_encoder("convnext_tiny", depths=(1, 1, 1, 1), rngs=nnx.Rngs(0))
+    )
+    with pytest.raises(ValueError, match="encoder is ConvNeXt"):
+        weights.load_pretrained(convnext, hf_b0[1])
+
+
+def test_imagenet_convnext_into_segmentor_leaves_only_new_parts_fresh(tmp_path):
+    cfg = T.ConvNextConfig(**SMALL_CNX, num_labels=10)
+    hf = randomize_(T.ConvNextForImageClassification(cfg), seed=12)
+    hf.save_pretrained(tmp_path)
+    model = models.create(
+        "upernet_convnext_tiny",
+        num_classes=5,
+        head_width=32,
+        aux_width=16,
+        dims=SMALL_CNX["hidden_sizes"],
+        depths=SMALL_CNX["depths"],
+        rngs=nnx.Rngs(0),
+    )
+    report = weights.load_pretrained(model, tmp_path)
+    assert set(report.fresh) == {"head", "aux_head", "aux_classifier", "encoder.out_norms"}
+    assert {"convnext.layernorm.weight", "classifier.weight"} <= set(report.dropped)
+    ref = hf.convnext.embeddings.patch_embeddings.weight.detach().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(model.encoder.stem_conv.kernel[...], ref)
+
+
+def test_segmentation_checkpoint_into_cbp_segmentor(tmp_path):
+    hf = randomize_(T.SegformerForSemanticSegmentation(T.SegformerConfig(num_labels=7)), seed=13)
+    hf.save_pretrained(tmp_path)
+    model = models.create("segformer_b0", num_classes=7, rngs=nnx.Rngs(0), **HF_EPS)
+    with pytest.raises(
+        ValueError, match=r"decode_head\.linear_c\.0\.proj\.weight -> head\.linear_c"
+    ):
+        weights.load_pretrained(model, tmp_path)  # mmseg head + CBP: the HF head does not fit
+    report = weights.load_pretrained(model, tmp_path, ignore=[r"^decode_head\."])
+    assert set(report.fresh) == {"head"} and len(report.loaded) == 192
+
+
+def test_hub_id_offline_says_how_to_pass_a_file(b0_encoder, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="pass its local path"):
+        weights.load_pretrained(b0_encoder, "nvidia/mit-b0")
