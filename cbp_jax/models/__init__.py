@@ -121,6 +121,11 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}; pass a positive int (150 for ADE20K).")
     seg = {k: overrides.pop(k, v) for k, v in _SEG_DEFAULTS.items()}
+    heads = ("mmseg", "mlp") if name.startswith("segformer_") else ("upernet",)
+    if seg["head"] is not None and seg["head"] not in heads:
+        raise ValueError(f"head={seg['head']!r} for {name!r}; use one of {heads}.")
+    if seg["classifier"] not in ("cbp", "linear"):
+        raise ValueError(f"classifier={seg['classifier']!r}; use 'cbp' or 'linear'.")
     dtype = overrides.get("dtype")
     if name.startswith("segformer_"):
         variant = name.removeprefix("segformer_")

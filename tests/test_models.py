@@ -1,0 +1,221 @@
+"""Encoders, heads and segmentors: shapes, modes, BatchNorm semantics, dtypes, registry errors.
+
+PyTorch parity lives in test_models_parity.py; these tests need only JAX and NumPy.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cbp_jax import models
+from cbp_jax.classifier import Prototypes
+from cbp_jax.models import layers
+
+SMALL_CNX = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))
+SMALL_MIT = dict(depths=(1, 1, 1, 1))
+
+
+def _call(model, x, train):
+    return nnx.jit(lambda m, x: m(x, train=train))(model, x)
+
+
+@pytest.fixture(scope="module")
+def mit_small():
+    return models.create_encoder("mit_b0", drop_path_rate=0.5, rngs=nnx.Rngs(0), **SMALL_MIT)
+
+
+@pytest.fixture(scope="module")
+def convnext_small():
+    return models.create_encoder("convnext_tiny", drop_path_rate=0.0, rngs=nnx.Rngs(0), **SMALL_CNX)
+
+
+# ----------------------------------------------------------------------------- depthwise conv
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_depthwise_shifted_equals_xla_values_and_grads(k):
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.normal(size=(2, 9, 11, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, 1, 6)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(6,)), jnp.float32)
+
+    def f(impl):
+        def loss(x, w, b):
+            y = layers.depthwise_conv2d(x, w, b, padding=k // 2, impl=impl)
+            return jnp.sum(jnp.sin(y)), y
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, b)
+
+    (_, y_xla), g_xla = f("xla")
+    (_, y_sh), g_sh = f("shifted")
+    np.testing.assert_allclose(y_sh, y_xla, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g_sh, g_xla, strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
+    # An independent NumPy reference for the values.
+    xp = np.pad(np.asarray(x), ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+    ref = np.zeros_like(np.asarray(x))
+    for i in range(k):
+        for j in range(k):
+            ref += xp[:, i : i + 9, j : j + 11] * np.asarray(w)[i, j, 0]
+    np.testing.assert_allclose(y_sh, ref + np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_dwconv_impl_resolution():
+    assert layers.resolve_dwconv_impl("auto") == "shifted"  # the test backend is CPU
+    assert layers.resolve_dwconv_impl("xla") == "xla"
+    with pytest.raises(ValueError, match="dwconv_impl='fast'"):
+        layers.resolve_dwconv_impl("fast")
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+def _numpy_conv_bn_relu(x, kernel, scale, bias, eps=1e-5):
+    y = np.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+    mean, var = y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
+    out = np.maximum((y - mean) / np.sqrt(var + eps) * scale + bias, 0.0)
+    return out, mean, var
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_batchnorm_stats_are_global_over_a_sharded_batch(axis_type):
+    x = np.random.default_rng(0).normal(1.0, 2.0, size=(8, 5, 5, 4)).astype(np.float32)
+    x[:4] += 3.0  # the devices see different statistics
+    block = layers.ConvBNReLU(4, 6, 1, rngs=nnx.Rngs(0))
+    block.bn.scale[...] = jnp.linspace(0.5, 1.5, 6)
+    block.bn.bias[...] = jnp.linspace(-0.2, 0.2, 6)
+    kernel, scale, bias = (
+        np.asarray(v[...]) for v in (block.conv.kernel, block.bn.scale, block.bn.bias)
+    )
+    ref, mean, var = _numpy_conv_bn_relu(x, kernel, scale, bias)
+
+    def step(m, x):
+        return m(x, train=True)
+
+    single = nnx.clone(block)
+    out_single = nnx.jit(step)(single, jnp.asarray(x))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    sharded = nnx.clone(block)
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        assert len(xs.sharding.device_set) == 8
+        out_sharded = nnx.jit(step)(sharded, xs)
+    for out, m in ((out_single, single), (out_sharded, sharded)):
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+        # Running stats: PyTorch momentum 0.1 from (0, 1).
+        np.testing.assert_allclose(m.bn.mean[...], 0.1 * mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(m.bn.var[...], 0.9 + 0.1 * var, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_eval_uses_running_stats_and_does_not_update():
+    block = layers.ConvBNReLU(3, 4, 1, rngs=nnx.Rngs(1))
+    block.bn.mean[...] = jnp.array([0.1, -0.2, 0.3, 0.0])
+    block.bn.var[...] = jnp.array([1.5, 0.5, 2.0, 1.0])
+    x = np.random.default_rng(1).normal(size=(2, 3, 3, 3)).astype(np.float32)
+    out = nnx.jit(lambda m, x: m(x, train=False))(block, jnp.asarray(x))
+    y = np.einsum("bhwc,cd->bhwd", x, np.asarray(block.conv.kernel[...])[0, 0])
+    ref = np.maximum((y - block.bn.mean[...]) / np.sqrt(block.bn.var[...] + 1e-5), 0.0)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(block.bn.var[...], [1.5, 0.5, 2.0, 1.0])
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+@pytest.mark.parametrize(
+    ("name", "dims"),
+    [("mit_small", (32, 64, 160, 256)), ("convnext_small", SMALL_CNX["dims"])],
+)
+def test_encoder_output_shapes(name, dims, request):
+    enc = request.getfixturevalue(name)
+    feats = _call(enc, jnp.zeros((2, 64, 96, 3)), False)
+    assert [f.shape for f in feats] == [
+        (2, 64 // s, 96 // s, d) for s, d in zip((4, 8, 16, 32), dims, strict=True)
+    ]
+
+
+def test_drop_path_is_stochastic_in_training_only(mit_small):
+    enc = mit_small
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+    e1, e2 = _call(enc, x, False), _call(enc, x, False)
+    np.testing.assert_array_equal(e1[-1], e2[-1])
+    t1, t2 = _call(enc, x, True), _call(enc, x, True)
+    assert not np.allclose(t1[-1], t2[-1])  # the dropout stream advances between calls
+
+
+def test_bfloat16_compute_keeps_float32_params(convnext_small):
+    f32 = convnext_small
+    over = dict(SMALL_CNX, drop_path_rate=0.0)
+    bf16 = models.create_encoder("convnext_tiny", dtype=jnp.bfloat16, rngs=nnx.Rngs(0), **over)
+    dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 64, 3)), jnp.float32)
+    a, b = _call(f32, x, False)[-1], _call(bf16, x, False)[-1]
+    assert b.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(b, np.float32) - np.asarray(a)).max() / np.abs(np.asarray(a)).max()
+    assert err < 0.05
+
+
+# ----------------------------------------------------------------------------- segmentors
+
+
+def test_segformer_segmentor_contract():
+    model = models.create("segformer_b0", num_classes=7, rngs=nnx.Rngs(0), **SMALL_MIT)
+    assert isinstance(model.classifier.prototypes, Prototypes)
+    assert not any(
+        "prototypes" in ".".join(map(str, p))
+        for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    )
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+    out = _call(model, x, True)
+    assert set(out) == {"logits", "features"}
+    assert out["logits"].shape == (2, 16, 16, 7) and out["features"].shape == (2, 16, 16, 256)
+    assert out["logits"].dtype == out["features"].dtype == jnp.float32
+    # The logits are the classifier applied to the returned features (OCCL sees the same).
+    w = np.asarray(model.classifier.prototypes[...])
+    np.testing.assert_allclose(
+        out["logits"], np.einsum("bhwc,nc->bhwn", out["features"], w), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_upernet_segmentor_has_aux_logits():
+    model = models.create(
+        "upernet_convnext_tiny",
+        num_classes=5,
+        head_width=32,
+        aux_width=16,
+        classifier="linear",
+        rngs=nnx.Rngs(0),
+        **SMALL_CNX,
+    )
+    out = _call(model, jnp.zeros((2, 64, 64, 3)), False)
+    assert out["logits"].shape == (2, 16, 16, 5)
+    assert out["features"].shape == (2, 16, 16, 32)
+    assert out["aux_logits"].shape == (2, 4, 4, 5)
+
+
+@pytest.mark.parametrize(("name", "width"), [("segformer_b0", 256), ("segformer_b2", 768)])
+def test_mlp_head_default_widths(name, width):
+    model = nnx.eval_shape(
+        lambda: models.create(
+            name, num_classes=3, head="mlp", depths=(1, 1, 1, 1), rngs=nnx.Rngs(0)
+        )
+    )
+    assert model.head.width == width and model.classifier.dim == width
+
+
+def test_registry_errors_name_the_problem():
+    with pytest.raises(ValueError, match="Unknown encoder 'mit_b9'"):
+        models.create_encoder("mit_b9", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"override\(s\) \['drop_rate'\]"):
+        models.create_encoder("mit_b0", drop_rate=0.1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="Unknown segmentor 'segformer_b7'"):
+        models.create("segformer_b7", num_classes=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="head='uper'"):
+        models.create("segformer_b0", num_classes=3, head="uper", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_classes=0"):
+        models.create("segformer_b0", num_classes=0, rngs=nnx.Rngs(0))
