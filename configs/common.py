@@ -149,6 +149,7 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     """Seconds on a CPU: tiny crops, a handful of steps, small eval, float32."""
     c.total_steps = 6
     c.batch_size = 4
+    c.init_from = ""  # offline: no hub download in a smoke run
     c.model.dtype = "float32"
     c.model.drop_path_rate = 0.0
     c.model.depths = (1, 1, 1, 1)  # same architecture family, one block per stage
