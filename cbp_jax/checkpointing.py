@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 from cbp_jax.sharding import path_name
 
 
-def _is_key(x) -> bool:
+def is_prng_key(x) -> bool:
+    """Whether ``x`` is a typed PRNG key array."""
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
@@ -27,7 +28,7 @@ def flatten_state(tree) -> dict[str, Any]:
     """``{dotted path: leaf}``; typed PRNG keys become their uint32 key data."""
     leaves = jax.tree_util.tree_leaves(tree)
     return {
-        name: (jax.random.key_data(leaf) if _is_key(leaf) else leaf)
+        name: (jax.random.key_data(leaf) if is_prng_key(leaf) else leaf)
         for name, leaf in zip(_flat_names(tree), leaves, strict=True)
     }
 
@@ -36,7 +37,7 @@ def _abstract_flat(target) -> dict[str, Any]:
     """Abstract (shape, dtype, sharding) version of :func:`flatten_state` for restoring."""
 
     def abstract(leaf):
-        if _is_key(leaf):
+        if is_prng_key(leaf):
             data = jax.eval_shape(jax.random.key_data, leaf)
             return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=leaf.sharding)
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
@@ -57,7 +58,7 @@ def unflatten_state(flat: dict[str, Any], target):
     leaves = []
     for name, leaf in zip(names, jax.tree_util.tree_leaves(target), strict=True):
         value = flat[name]
-        if _is_key(leaf):
+        if is_prng_key(leaf):
             value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))
         leaves.append(value)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)

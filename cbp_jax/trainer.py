@@ -200,18 +200,30 @@ def evaluate_state(
     Each process evaluates its share of the images on its first local device with a host
     copy of the state; the confusion matrices are summed over processes.
     """
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() > 1:
-        host_state = multihost_utils.process_allgather(state, tiled=True)
-    else:
-        host_state = jax.device_get(state)
+    host_state = _host_copy({k: state[k] for k in ("params", "model_state")})
     device = jax.local_devices()[0]
     local_mesh = jax.make_mesh(
         (1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=[device]
     )
     with jax.set_mesh(local_mesh):
         return _evaluate_on_device(config, graphdef, host_state, device, out_dir, progress, extra)
+
+
+def _host_copy(tree):
+    """NumPy copy of a (possibly multi-host sharded) pytree, typed PRNG keys included."""
+    from jax.experimental import multihost_utils
+
+    is_key = checkpointing.is_prng_key
+    raw = jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
+    if jax.process_count() > 1:
+        raw = multihost_utils.process_allgather(raw, tiled=True)
+    else:
+        raw = jax.device_get(raw)
+    return jax.tree.map(
+        lambda r, x: jax.random.wrap_key_data(r, impl=jax.random.key_impl(x)) if is_key(x) else r,
+        raw,
+        tree,
+    )
 
 
 def _evaluate_on_device(config, graphdef, host_state, device, out_dir, progress, extra):

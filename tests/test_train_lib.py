@@ -1,0 +1,220 @@
+"""Optimizer recipes, schedules, the train step's variants, pretrained init, mesh set-up."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cbp_jax import sharding, train_lib, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str = "smoke"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+ALL_CONFIGS = [
+    "ade20k_mit_b0",
+    "ade20k_mit_b4",
+    "ade20k_mit_b5",
+    "ade20k_convnext_base",
+    "cocostuff10k_mit_b5",
+    "cocostuff10k_convnext_base",
+    "camvid_mit_b0",
+    "scenes_mit_b0",
+]
+
+
+# B4 and COCO-Stuff B5 build the same modules as B5 (tests/test_param_counts.py counts them).
+DISTINCT_MODELS = [n for n in ALL_CONFIGS if n not in ("ade20k_mit_b4", "cocostuff10k_mit_b5")]
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+@pytest.mark.parametrize("arg", [None, "smoke", "baseline"])
+def test_every_config_parses(name, arg):
+    config = load_config(name, arg)
+    assert config.total_steps >= 1 and config.data.num_classes >= 1
+    if arg == "smoke":
+        assert config.init_from == "" and config.model.depths == (1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "name,arg", [(n, None) for n in DISTINCT_MODELS] + [("ade20k_mit_b0", "baseline,smoke")]
+)
+def test_every_config_builds_its_model_abstractly(name, arg):
+    config = load_config(name, arg)
+    model = nnx.eval_shape(lambda: trainer.model_from_config(config))
+    assert model.classifier.num_classes == config.data.num_classes
+    expected = "linear" if arg and "baseline" in arg else "frozen"
+    assert model.classifier.update == ("learned" if expected == "linear" else "frozen")
+    assert config.loss.occl == (expected != "linear")
+
+
+def test_paper_recipes():
+    b5 = load_config("ade20k_mit_b5", None)
+    assert (b5.optimizer.lr, b5.optimizer.weight_decay, b5.optimizer.head_lr_mult) == (
+        6e-5,
+        0.01,
+        10.0,
+    )
+    assert (b5.total_steps, b5.batch_size, b5.data.crop_size) == (160_000, 16, (512, 512))
+    assert b5.model.head == "mmseg" and b5.loss.category_weight == 0.1
+    b5_640 = load_config("ade20k_mit_b5", "640")
+    assert b5_640.data.crop_size == (640, 640) and b5_640.data.base_scale == (2048, 640)
+    cn = load_config("ade20k_convnext_base", None)
+    assert (cn.optimizer.lr, cn.optimizer.weight_decay, cn.optimizer.layer_decay) == (
+        1e-4,
+        0.05,
+        0.9,
+    )
+    assert cn.eval.mode == "slide" and cn.eval.stride == (341, 341)
+    assert cn.model.drop_path_rate == 0.4 and cn.loss.category_weight == 0.2
+    coco = load_config("cocostuff10k_convnext_base", None)
+    assert coco.total_steps == 80_000 and coco.data.num_classes == 171
+    assert coco.loss.category_weight == 0.3
+    b0 = load_config("ade20k_mit_b0", None)
+    assert b0.total_steps == 40_000 and b0.model.cbp_length == 2.0
+    with pytest.raises(ValueError, match="unknown config variant"):
+        load_config("ade20k_mit_b0", "smok")
+
+
+def test_schedule_matches_mmseg_warmup_then_poly():
+    cfg = load_config("ade20k_mit_b5", None).optimizer
+    schedule = train_lib.learning_rate_schedule(cfg, 160_000)
+    lr = cfg.lr
+    for t in (0, 1, 750, 1499):
+        expected = lr * 1e-6 + (lr - lr * 1e-6) * t / 1500
+        np.testing.assert_allclose(float(schedule(t)), expected, rtol=1e-5, atol=lr * 1e-7)
+    for t in (1500, 50_000, 159_999):
+        expected = lr * (1 - (t - 1500) / (160_000 - 1500))
+        np.testing.assert_allclose(float(schedule(t)), expected, rtol=1e-4, atol=1e-12)
+    assert float(schedule(160_000)) == 0.0
+
+
+def _groups(config):
+    model = nnx.eval_shape(lambda: trainer.model_from_config(config))
+    _, params, _ = train_lib.split_model(model)
+    lr, decay = train_lib.param_groups(model, params, config.optimizer)
+    names = lambda tree: {  # noqa: E731
+        sharding.path_name(p).removesuffix("/value"): v
+        for p, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    return names(lr), names(decay)
+
+
+def test_segformer_groups_head_x10_and_no_decay_on_norms():
+    lr, decay = _groups(load_config("ade20k_mit_b0", "smoke"))
+    assert lr["head/fuse/conv/kernel"] == 10.0 and lr["encoder/stages/0/norm/scale"] == 1.0
+    assert decay["encoder/stages/0/norm/scale"] is False
+    assert decay["head/fuse/bn/bias"] is False
+    assert decay["encoder/stages/0/blocks/0/attn/q/kernel"] is True
+    assert decay["encoder/stages/0/blocks/0/attn/q/bias"] is True  # mmseg decays biases here
+
+
+def test_convnext_stagewise_decay_and_no_decay_on_1d():
+    lr, decay = _groups(load_config("ade20k_convnext_base", "smoke"))
+    np.testing.assert_allclose(lr["encoder/stem_conv/kernel"], 0.9**13)
+    np.testing.assert_allclose(lr["encoder/stages/1/down_conv/kernel"], 0.9**13)
+    for i in range(4):
+        np.testing.assert_allclose(lr[f"encoder/stages/{i}/blocks/0/fc1/kernel"], 0.9 ** (12 - i))
+    np.testing.assert_allclose(lr["head/fpn_bottleneck/conv/kernel"], 1.0)
+    assert decay["encoder/stages/0/blocks/0/gamma"] is False
+    assert decay["encoder/stages/0/blocks/0/fc1/bias"] is False
+    assert decay["encoder/stages/0/blocks/0/fc1/kernel"] is True
+
+
+def _tiny(update="frozen"):
+    config = load_config("scenes_mit_b0", "smoke")
+    config.update(batch_size=4)
+    config.model.cbp_update = update
+    config.mesh.update(data=1, num_devices=1)
+    return config
+
+
+def _batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    h, w = config.data.crop_size
+    return {
+        "image": jnp.asarray(rng.normal(size=(config.batch_size, h, w, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 8, (config.batch_size, h, w)), jnp.int32),
+    }
+
+
+@pytest.mark.parametrize("update", ["frozen", "gradient", "ema", "penalty"])
+def test_train_step_variants_compile_once(update):
+    config = _tiny(update)
+    mesh = trainer.mesh_from_config(config)
+    with jax.set_mesh(mesh):
+        setup = trainer.Setup(config, mesh)
+        state = setup.init_state()
+        step = jax.jit(
+            train_lib.make_train_step(
+                setup.graphdef, setup.tx, train_lib.LossConfig.from_config(config)
+            ),
+            donate_argnums=0,
+        )
+        w0 = np.array(_prototypes(setup, state))
+        for i in range(3):
+            state, metrics = step(state, _batch(config, i))
+        w3 = np.asarray(_prototypes(setup, state))
+    assert step._cache_size() == 1  # no recompilation after the first step
+    assert int(state["step"]) == 3 and bool(metrics["finite"])
+    if update == "frozen":
+        np.testing.assert_array_equal(w3, w0)
+    else:
+        assert np.abs(w3 - w0).max() > 1e-6
+    if update == "penalty":  # re-equalized after every step
+        np.testing.assert_allclose(np.linalg.norm(w3, axis=1), config.model.cbp_length, rtol=1e-5)
+
+
+def _prototypes(setup, state):
+    return nnx.merge(
+        setup.graphdef, state["params"], state["model_state"]
+    ).classifier.class_weights()
+
+
+def test_init_from_loads_encoder_weights(tmp_path):
+    import transformers as T
+
+    hf = T.SegformerModel(T.SegformerConfig(depths=[1, 1, 1, 1]))
+    hf.save_pretrained(tmp_path)
+    config = _tiny()
+    mesh = trainer.mesh_from_config(config)
+    with jax.set_mesh(mesh):
+        setup = trainer.Setup(config, mesh)
+        state = setup.load_pretrained(setup.init_state(), str(tmp_path))
+    model = nnx.merge(setup.graphdef, state["params"], state["model_state"])
+    ours = np.asarray(model.encoder.stages[0].patch_embed.proj.kernel[...])
+    from safetensors.numpy import load_file
+
+    theirs = load_file(tmp_path / "model.safetensors")["encoder.patch_embeddings.0.proj.weight"]
+    np.testing.assert_allclose(ours, theirs.transpose(2, 3, 1, 0), rtol=1e-6)
+
+
+def test_mesh_from_config_and_errors():
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 2})
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    with pytest.raises(ValueError, match="needs 6 devices; there are 8"):
+        sharding.make_mesh({"data": 3, "fsdp": 2})
+    with pytest.raises(ValueError, match="unknown"):
+        sharding.make_mesh({"model": 8})
+    config = _tiny()
+    config.batch_size = 6
+    config.mesh.update(data=-1, num_devices=0)
+    with pytest.raises(ValueError, match="batch_size=6 must divide evenly over 8 devices"):
+        trainer.train_and_evaluate(config, "/nonexistent/never-created")
+
+
+def test_fsdp_spec_splits_the_largest_divisible_dim():
+    assert sharding.fsdp_spec((256, 1024), 4) == jax.sharding.PartitionSpec(None, "fsdp")
+    assert sharding.fsdp_spec((1024, 256), 4) == jax.sharding.PartitionSpec("fsdp", None)
+    assert sharding.fsdp_spec((3, 3, 1, 30), 4) == jax.sharding.PartitionSpec()  # small
+    assert sharding.fsdp_spec((1024, 256), 1) == jax.sharding.PartitionSpec()
