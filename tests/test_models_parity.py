@@ -190,6 +190,54 @@ def test_mit_other_layouts(hf_b0, tmp_path, layout):
         _close(ours, ref)
 
 
+class _ConvModule(torch.nn.Module):
+    """mmcv ConvModule: conv (no bias) -> BN -> ReLU, with mmcv's attribute names."""
+
+    def __init__(self, din, dout):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(din, dout, 1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(dout)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _MMSegSegformerHead(torch.nn.Module):
+    """mmseg 1.x SegformerHead written from its layer list (eval mode: no dropout)."""
+
+    def __init__(self, dims, width, num_classes):
+        super().__init__()
+        self.convs = torch.nn.ModuleList([_ConvModule(d, width) for d in dims])
+        self.fusion_conv = _ConvModule(width * len(dims), width)
+        self.conv_seg = torch.nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, feats):
+        size = feats[0].shape[2:]
+        outs = [
+            F.interpolate(conv(f), size=size, mode="bilinear", align_corners=False)
+            for conv, f in zip(self.convs, feats, strict=True)
+        ]
+        return self.conv_seg(self.fusion_conv(torch.cat(outs, dim=1)))
+
+
+def test_mmseg_segformer_head_and_checkpoint(hf_b0, tmp_path):
+    hf, hf_path = hf_b0
+    head = randomize_(_MMSegSegformerHead([32, 64, 160, 256], 256, 6), seed=14)
+    sd = _mmseg_keys(load_file(hf_path / "model.safetensors"))
+    sd |= {f"decode_head.{k}": v for k, v in head.state_dict().items()}
+    torch.save({"state_dict": sd, "meta": {}}, tmp_path / "segformer.pth")
+    x, xt = images(2, 64, 64, seed=15)
+    model = models.create(
+        "segformer_b0", num_classes=6, classifier="linear", rngs=nnx.Rngs(0), **HF_EPS
+    )
+    report = weights.load_pretrained(model, tmp_path / "segformer.pth")
+    assert report.fresh == {}
+    with torch.no_grad():
+        feats = hf(xt, output_hidden_states=True).hidden_states
+        ref = nhwc(head(feats))
+    _close(_forward(model, x)["logits"], ref)
+
+
 # ----------------------------------------------------------------------------- ConvNeXt
 
 TINY = dict(hidden_sizes=[96, 192, 384, 768], depths=[1, 1, 3, 1])  # tiny widths, shallow
@@ -289,10 +337,16 @@ def _hf_out_norms_into(enc, hf):
 SMALL_CNX = dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1])
 
 
-def test_upernet_logits_and_aux(tmp_path):
+@pytest.mark.parametrize(("aux_convs", "concat"), [(1, False), (2, True)])
+def test_upernet_logits_and_aux(tmp_path, aux_convs, concat):
     backbone = T.ConvNextConfig(**SMALL_CNX, out_features=OUT)
     cfg = T.UperNetConfig(
-        backbone_config=backbone, hidden_size=32, auxiliary_channels=16, num_labels=5
+        backbone_config=backbone,
+        hidden_size=32,
+        auxiliary_channels=16,
+        auxiliary_num_convs=aux_convs,
+        auxiliary_concat_input=concat,
+        num_labels=5,
     )
     hf = randomize_(T.UperNetForSemanticSegmentation(cfg), seed=10)
     hf.save_pretrained(tmp_path)
@@ -304,6 +358,8 @@ def test_upernet_logits_and_aux(tmp_path):
         classifier="linear",
         head_width=32,
         aux_width=16,
+        aux_num_convs=aux_convs,
+        aux_concat_input=concat,
         dims=SMALL_CNX["hidden_sizes"],
         depths=SMALL_CNX["depths"],
         rngs=nnx.Rngs(0),
