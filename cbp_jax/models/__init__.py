@@ -86,6 +86,8 @@ _SEG_DEFAULTS = dict(
     cbp_init="equal_ortho",
     cbp_normalize_features=False,
     cbp_allow_non_orthogonal=False,
+    cbp_ema_momentum=0.99,
+    cbp_penalty_weight=0.01,
     head=None,  # segformer: "mmseg" (default) | "mlp"; upernet: "upernet"
     head_width=None,  # None: the variant's default
     dropout=0.1,
@@ -106,7 +108,8 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
       **overrides:
         ``classifier``: 'cbp' (default, frozen Category-Basis Prototypes) or 'linear'.
         ``cbp_length`` (1.0), ``cbp_update`` ('frozen'), ``cbp_init`` ('equal_ortho'),
-        ``cbp_normalize_features`` (False), ``cbp_allow_non_orthogonal`` (False).
+        ``cbp_normalize_features`` (False), ``cbp_allow_non_orthogonal`` (False),
+        ``cbp_ema_momentum`` (0.99, update 'ema'), ``cbp_penalty_weight`` (0.01, 'penalty').
         ``head``: SegFormer 'mmseg' (mmseg 1.x conv+BN+ReLU head, the paper's; default) or
         'mlp' (original / HF Linear head, for HF-trained checkpoints).
         ``head_width``: decoder width D (SegFormer 'mmseg' 256; 'mlp' 256 for B0/B1 and 768
@@ -161,6 +164,8 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
             init=seg["cbp_init"],
             normalize_features=seg["cbp_normalize_features"],
             allow_non_orthogonal=seg["cbp_allow_non_orthogonal"],
+            ema_momentum=seg["cbp_ema_momentum"],
+            penalty_weight=seg["cbp_penalty_weight"],
             rngs=rngs,
         )
     elif seg["classifier"] == "linear":

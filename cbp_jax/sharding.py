@@ -1,0 +1,167 @@
+"""Device meshes, partition rules and multi-host start-up.
+
+The training state and batches are laid out with ``NamedSharding`` on a 2-axis mesh
+``("data", "fsdp")``: the batch is split over both axes; parameters and optimizer state are
+replicated, or split over ``"fsdp"`` where a partition rule says so. ``jax.jit`` with these
+shardings does the rest (data parallelism, FSDP all-gathers, global BatchNorm statistics).
+"""
+
+import math
+import os
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # the batch dimension is split over every mesh axis
+
+# Environment variables that mean "this process is one of several" (SLURM, Open MPI, TPU pods,
+# or JAX's own coordinator variables); JAX's cluster auto-detection handles each of them.
+_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def initialize_distributed(
+    coordinator_address: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+    cpu_collectives: str = "gloo",
+) -> bool:
+    """Starts ``jax.distributed`` when this is one of several processes; no-op otherwise.
+
+    With an explicit ``coordinator_address`` the three arguments are used as given (e.g. two
+    processes on one machine: ``localhost:12345``, 2, 0|1). Without it, JAX's cluster
+    auto-detection is used when a multi-process launcher is recognized (TPU pod slices, SLURM,
+    Open MPI, ``JAX_COORDINATOR_ADDRESS``). Returns whether it initialized.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if coordinator_address:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"coordinator_address={coordinator_address!r} needs num_processes >= 1 and "
+                f"0 <= process_id < num_processes; got {num_processes}, {process_id}."
+            )
+        if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    multi_slice_tpu = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+    if multi_slice_tpu or any(int(os.environ.get(v, "1") or 1) > 1 for v in _MULTIPROCESS_ENV[1:]):
+        jax.distributed.initialize()
+        return True
+    if os.environ.get(_MULTIPROCESS_ENV[0]):
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``("data", "fsdp")`` mesh; one axis size may be -1 to take the remaining devices.
+
+    Args:
+      shape: e.g. ``{"data": -1, "fsdp": 1}`` (pure data parallelism) or
+        ``{"data": 2, "fsdp": 4}``.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh axes {sorted(unknown)} unknown; use {MESH_AXES}.")
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(
+            f"At most one mesh axis may be -1; got {dict(zip(MESH_AXES, sizes, strict=True))}."
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide by the fixed axes ({known}).")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(shape)} needs {math.prod(sizes)} devices; there are {len(devices)}. "
+            "Set config.mesh.data = -1 to use them all."
+        )
+    return jax.make_mesh(
+        tuple(sizes),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every mesh axis; the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 2**14) -> P:
+    """Splits the largest dimension divisible by ``fsdp_size`` over ``"fsdp"``.
+
+    Arrays smaller than ``min_size`` elements, or with no divisible dimension, stay replicated.
+    """
+    if fsdp_size <= 1 or math.prod(shape) < min_size:
+        return P()
+    candidates = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
+    if not candidates:
+        return P()
+    axis = max(candidates, key=lambda i: shape[i])
+    return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+
+
+def path_name(path) -> str:
+    """``"encoder/stages/0/blocks/1/fc1/kernel"`` for a pytree key path."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def partition_specs(tree, rules: Sequence[tuple[str, str]], mesh: Mesh):
+    """PartitionSpecs for every array leaf of ``tree`` from ``(regex, rule)`` pairs.
+
+    The first rule whose regex matches the leaf's path decides: ``"replicate"``, ``"fsdp"``
+    (:func:`fsdp_spec`), or a PartitionSpec written as a comma list of axis names / ``None``
+    (e.g. ``"None,fsdp"``). Leaves no rule matches are replicated. Optimizer-state leaves
+    carry their parameter's path as a suffix, so one rule set covers both.
+    """
+    fsdp_size = mesh.shape["fsdp"]
+    compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
+
+    def spec(path, leaf):
+        shape = np.shape(leaf)
+        name = path_name(path)
+        for pattern, rule in compiled:
+            if pattern.search(name):
+                if rule == "replicate":
+                    return P()
+                if rule == "fsdp":
+                    return fsdp_spec(shape, fsdp_size)
+                axes = [None if a.strip() in ("None", "") else a.strip() for a in rule.split(",")]
+                if len(axes) != len(shape):
+                    raise ValueError(
+                        f"partition rule {pattern.pattern!r} -> {rule!r} has {len(axes)} axes; "
+                        f"{name} has shape {shape}."
+                    )
+                return P(*axes)
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def state_shardings(tree, rules: Sequence[tuple[str, str]], mesh: Mesh):
+    """``NamedSharding`` for every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+    specs = partition_specs(tree, rules, mesh)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs)

@@ -1,0 +1,302 @@
+"""Training library: optimizer recipes, schedules, the train state and the jitted steps.
+
+The state is a plain pytree ``{"step", "params", "opt_state", "model_state"}``: ``params``
+are the model's ``nnx.Param`` leaves, ``model_state`` everything else NNX tracks (BatchNorm
+statistics, dropout RNG counters, frozen prototypes). The model's graph definition is static
+and closed over by the step functions.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from cbp_jax import losses
+from cbp_jax.models.layers import resize_bilinear
+from cbp_jax.sharding import path_name
+
+State = dict[str, Any]
+
+HEAD_MODULES = ("head", "classifier", "aux_head", "aux_classifier")
+NORM_TYPES = (nnx.LayerNorm, nnx.BatchNorm, nnx.GroupNorm, nnx.RMSNorm)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """mmseg's schedule: linear warm-up from ``warmup_start_factor * lr``, then poly decay.
+
+    ``lr(t) = lr * start + (lr - lr * start) * t / warmup`` for ``t < warmup``, then
+    ``(lr - min_lr) * (1 - (t - warmup) / (total - warmup)) ** power + min_lr``.
+    """
+    warmup = int(cfg.warmup_steps)
+    poly = optax.polynomial_schedule(
+        init_value=cfg.lr,
+        end_value=cfg.min_lr,
+        power=cfg.poly_power,
+        transition_steps=max(total_steps - warmup, 1),
+    )
+    if warmup <= 0:
+        return poly
+    ramp = optax.linear_schedule(cfg.lr * cfg.warmup_start_factor, cfg.lr, warmup)
+    return optax.join_schedules([ramp, poly], [warmup])
+
+
+# ----------------------------------------------------------------------------- param groups
+
+
+def _norm_paths(model: nnx.Module) -> list[tuple]:
+    return [tuple(path) for path, m in nnx.iter_modules(model) if isinstance(m, NORM_TYPES)]
+
+
+def _convnext_layer_id(parts: tuple[str, ...], num_layers: int) -> int | None:
+    """mmseg's stage-wise id for a ConvNeXt encoder parameter (None: not in the encoder)."""
+    if parts[0] != "encoder":
+        return None
+    if parts[1] in ("stem_conv", "stem_norm"):
+        return 0
+    if parts[1] == "stages":
+        return 0 if parts[3].startswith("down") else int(parts[2]) + 1
+    return num_layers + 1  # output norms: new layers, trained at the head's rate
+
+
+def param_groups(model: nnx.Module, params, cfg: ml_collections.ConfigDict):
+    """Per-parameter learning-rate multipliers and weight-decay mask (pytrees like ``params``).
+
+    - ``head_lr_mult`` for the decode head and classifiers (SegFormer recipe: x10);
+    - ``layer_decay`` (ConvNeXt stage-wise, mmseg): ``decay ** (L + 1 - id)`` with id 0 for
+      the stem and downsampling layers, ``i + 1`` for stage i, ``L + 1`` for the heads;
+    - no weight decay on normalization-layer parameters (``no_decay_norm``) and, with
+      ``no_decay_1d``, on every 1-D parameter (biases, layer scales).
+    """
+    norm_paths = _norm_paths(model)
+
+    def group(path, leaf):
+        parts = tuple(str(p) for p in path_name(path).split("/"))
+        is_head = parts[0] in HEAD_MODULES
+        lr_mult = cfg.head_lr_mult if is_head else 1.0
+        if cfg.layer_decay:
+            layer_id = _convnext_layer_id(parts, cfg.layer_decay_num_layers)
+            layer_id = cfg.layer_decay_num_layers + 1 if layer_id is None else layer_id
+            lr_mult *= cfg.layer_decay ** (cfg.layer_decay_num_layers + 1 - layer_id)
+        in_norm = any(parts[: len(p)] == tuple(map(str, p)) for p in norm_paths)
+        decay = not (cfg.no_decay_norm and in_norm) and not (cfg.no_decay_1d and np.ndim(leaf) <= 1)
+        return float(lr_mult), bool(decay)
+
+    groups = jax.tree_util.tree_map_with_path(group, params)
+    lr_mults = jax.tree_util.tree_map(
+        lambda g: g[0], groups, is_leaf=lambda x: isinstance(x, tuple)
+    )
+    decay_mask = jax.tree_util.tree_map(
+        lambda g: g[1], groups, is_leaf=lambda x: isinstance(x, tuple)
+    )
+    return lr_mults, decay_mask
+
+
+def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
+    """Multiplies each update by a constant per-parameter factor (a pytree like the params)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u, m: u * m, updates, multipliers), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(
+    model: nnx.Module, params, cfg: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    """AdamW (transformers) or SGD with momentum (convolutional models), mmseg param groups.
+
+    Decoupled decay as in PyTorch: ``p -= lr * mult * (adam(g) + wd * p)`` for AdamW;
+    L2 decay added to the gradient before momentum for SGD.
+    """
+    lr_mults, decay_mask = param_groups(model, params, cfg)
+    schedule = learning_rate_schedule(cfg, total_steps)
+    if cfg.name == "adamw":
+        core = [
+            optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+        ]
+    elif cfg.name == "sgd":
+        core = [
+            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+            optax.trace(decay=cfg.momentum, nesterov=False),
+        ]
+    else:
+        raise ValueError(f"optimizer.name={cfg.name!r}; use 'adamw' or 'sgd'.")
+    clip = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.get("clip_norm") else []
+    return optax.chain(
+        *clip, *core, scale_by_multipliers(lr_mults), optax.scale_by_learning_rate(schedule)
+    )
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the train step computes (static)."""
+
+    num_classes: int
+    occl: bool = True
+    tau: float = 0.07
+    centroid_weight: float = 1.0
+    category_weight: float = 0.1
+    views: str = "batch_halves"
+    aux_weight: float = 0.4
+    ignore_index: int = 255
+    seed: int = 0  # for views="random_pixels"
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
+        loss = config.loss
+        return cls(
+            num_classes=config.data.num_classes,
+            occl=loss.occl,
+            tau=loss.tau,
+            centroid_weight=loss.centroid_weight,
+            category_weight=loss.category_weight,
+            views=loss.views,
+            aux_weight=loss.aux_weight,
+            seed=config.seed,
+        )
+
+
+def split_model(model: nnx.Module):
+    """``(graphdef, params, model_state)``: params are ``nnx.Param``, the rest everything else."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> State:
+    """The initial train state for ``model`` and optimizer ``tx``."""
+    _, params, model_state = split_model(model)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "model_state": model_state,
+    }
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def segmentation_loss(
+    out: dict[str, jax.Array],
+    labels: jax.Array,
+    prototypes: jax.Array,
+    cfg: LossConfig,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Eq. 7: pixel CE on upsampled logits + OCCL on the head features (+ auxiliary CE).
+
+    Args:
+      out: the segmentor's output (``logits``, ``features``, optional ``aux_logits``).
+      labels: ``(B, H, W)`` int32 at the input resolution.
+      prototypes: ``(N, C)`` the classifier's class weights (targets of OCCL's category term).
+      key: PRNG key for ``views="random_pixels"``.
+    """
+    size = labels.shape[1:3]
+    ce = losses.pixel_cross_entropy(resize_bilinear(out["logits"], size), labels, cfg.ignore_index)
+    metrics = {"ce": ce}
+    total = ce
+    if cfg.occl:
+        features = out["features"]
+        small = losses.nearest_downsample(labels, features.shape[1:3])
+        terms = losses.occl_terms(
+            features,
+            small,
+            prototypes,
+            tau=cfg.tau,
+            views=cfg.views,
+            ignore_index=cfg.ignore_index,
+            key=key,
+        )
+        total += cfg.centroid_weight * terms.centroid + cfg.category_weight * terms.category
+        metrics |= {"occl_centroid": terms.centroid, "occl_category": terms.category}
+    if "aux_logits" in out:
+        aux = losses.pixel_cross_entropy(
+            resize_bilinear(out["aux_logits"], size), labels, cfg.ignore_index
+        )
+        total += cfg.aux_weight * aux
+        metrics["aux_ce"] = aux
+    return total, metrics
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: LossConfig
+) -> Callable[[State, dict[str, jax.Array]], tuple[State, dict[str, jax.Array]]]:
+    """``train_step(state, batch) -> (state, metrics)``, to be wrapped in ``jax.jit``.
+
+    A step whose loss, gradient or updated parameters are not finite leaves the state
+    untouched (the step counter too) and reports ``finite = False``, so the last good state
+    can be saved before stopping.
+    """
+
+    def train_step(state: State, batch: dict[str, jax.Array]):
+        images, labels = batch["image"], batch["label"]
+        key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
+
+        model = nnx.merge(graphdef, state["params"], state["model_state"])
+
+        def loss_fn(model):
+            out = model(images, train=True)
+            loss, metrics = segmentation_loss(
+                out, labels, model.classifier.class_weights(), cfg, key
+            )
+            loss += model.classifier.orthogonality_loss()
+            metrics["loss"] = loss
+            return loss, (metrics, out["features"])
+
+        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+        (loss, (metrics, features)), grads = grad_fn(model)  # BatchNorm statistics updated
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        nnx.update(model, optax.apply_updates(state["params"], updates))
+        if model.classifier.update == "ema":
+            small = losses.nearest_downsample(labels, features.shape[1:3])
+            centroids, present = losses.category_centroids(features, small, cfg.num_classes)
+            model.classifier.ema_update(centroids, present)
+        if model.classifier.update == "penalty":
+            model.classifier.reequalize()
+        _, params, model_state = split_model(model)
+
+        new_state = {
+            "step": state["step"] + 1,
+            "params": params,
+            "opt_state": opt_state,
+            "model_state": model_state,
+        }
+        grad_norm, param_norm = _global_norm(grads), _global_norm(params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
+        metrics |= {"finite": finite, "grad_norm": grad_norm, "param_norm": param_norm}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_predict_fn(graphdef: nnx.GraphDef) -> Callable[[State, jax.Array], jax.Array]:
+    """``predict(state, images (B, H, W, 3)) -> logits (B, H/4, W/4, N)`` in eval mode."""
+
+    def predict(state: State, images: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, state["params"], state["model_state"])
+        return model(images, train=False)["logits"]
+
+    return predict
+
+
+def lr_at(cfg: ml_collections.ConfigDict, total_steps: int, step: int) -> float:
+    """The base learning rate at ``step`` (for logging)."""
+    return float(learning_rate_schedule(cfg, total_steps)(step))

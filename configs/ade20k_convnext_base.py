@@ -1,0 +1,13 @@
+"""UperNet + ConvNeXt-B + CBP + OCCL on ADE20K, 160k iterations (paper: 48.9 -> 49.6 mIoU).
+
+python train.py --config configs/ade20k_convnext_base.py --workdir workdirs/ade20k_cnb
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.base_config()
+    common.upernet_convnext_recipe(c, "upernet_convnext_base", drop_path=0.4)
+    c.init_from = "facebook/convnext-base-224"
+    return common.apply_variants(c, arg)

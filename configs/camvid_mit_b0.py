@@ -1,0 +1,27 @@
+"""SegFormer-B0 + CBP + OCCL on CamVid (11 classes), sized for a 2-core CPU.
+
+    python train.py --config configs/camvid_mit_b0.py --workdir workdirs/camvid_b0
+
+Trains from scratch (no pretrained weights are reachable offline) on 256x256 crops of the
+480x360 images; data at ../shared/datasets/camvid unless --config.data.root says otherwise.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.base_config()
+    common.segformer_recipe(c, "segformer_b0")
+    c.init_from = ""
+    c.total_steps = 2000
+    c.batch_size = 8
+    c.model.dtype = "float32"
+    c.model.cbp_length = 2.0
+    c.data.update(dataset="camvid", root="../shared/datasets/camvid", num_classes=11)
+    c.data.update(crop_size=(256, 256), base_scale=(480, 360), ratio_range=(0.5, 1.5))
+    c.data.update(test_scale=(480, 360), num_workers=2, train_split="train", eval_split="val")
+    c.optimizer.update(lr=6e-4, warmup_steps=100)
+    c.checkpoint.every = 250
+    c.log_every = 10
+    c.eval.update(every=500, max_images=0)
+    return common.apply_variants(c, arg)

@@ -1,0 +1,167 @@
+"""Shared pieces of the experiment configs: the defaults and the paper's two recipes.
+
+Each experiment file in this folder is one row of the paper; it starts from
+``base_config()``, applies a recipe and ends with ``apply_variants(config, arg)``.
+"""
+
+import ml_collections
+
+VARIANTS = ("smoke", "baseline")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a run reads, with the SegFormer-on-ADE20K values of the paper."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 160_000
+    c.batch_size = 16  # global, over all devices and hosts (mmseg: 8 GPUs x 2)
+    c.init_from = ""  # pretrained encoder: local file or hub id (e.g. "nvidia/mit-b5")
+
+    # model: `name` + overrides of cbp_jax.models.create
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "segformer_b0"
+    c.model.classifier = "cbp"  # "cbp" (frozen prototypes) | "linear" (learned baseline)
+    c.model.cbp_length = 1.0  # T (Table 9)
+    c.model.cbp_update = "frozen"  # "frozen" | "gradient" | "ema" | "penalty" (Table 4)
+    c.model.cbp_init = "equal_ortho"  # "equal_ortho" | "ortho" | "equal" (Table 5)
+    c.model.cbp_normalize_features = False
+    c.model.cbp_ema_momentum = 0.99
+    c.model.cbp_penalty_weight = 0.01
+    c.model.drop_path_rate = 0.1
+    c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
+
+    # data (cbp_jax.data)
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "ade20k"
+    c.data.root = "data/ADEChallengeData2016"
+    c.data.format = "folder"  # "folder" | "arrayrecord" | "tfds"
+    c.data.num_classes = 150
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
+    c.data.crop_size = (512, 512)
+    c.data.base_scale = (2048, 512)  # (long, short) of the random resize
+    c.data.ratio_range = (0.5, 2.0)
+    c.data.cat_max_ratio = 0.75
+    c.data.test_scale = (2048, 512)
+    c.data.aligned_resize = False  # NVlabs' AlignedResize at test time
+    c.data.num_workers = 4  # grain worker processes per host
+    c.data.skip_bad_examples = False
+    c.data.scenes_num_images = 0  # "scenes" only: images per split (0: its default)
+
+    # loss (Eq. 7)
+    c.loss = ml_collections.ConfigDict()
+    c.loss.occl = True
+    c.loss.tau = 0.07
+    c.loss.centroid_weight = 1.0  # lambda
+    c.loss.category_weight = 0.1  # phi
+    c.loss.views = "batch_halves"  # "batch_halves" | "random_pixels"
+    c.loss.aux_weight = 0.4  # UperNet's auxiliary FCN head
+
+    # optimizer and schedule (mmseg SegFormer recipe)
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # "adamw" | "sgd"
+    c.optimizer.lr = 6e-5
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.9  # sgd
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.head_lr_mult = 10.0
+    c.optimizer.no_decay_norm = True
+    c.optimizer.no_decay_1d = False
+    c.optimizer.layer_decay = 0.0  # ConvNeXt stage-wise decay rate (0: off)
+    c.optimizer.layer_decay_num_layers = 12
+    c.optimizer.warmup_steps = 1500
+    c.optimizer.warmup_start_factor = 1e-6
+    c.optimizer.poly_power = 1.0
+    c.optimizer.min_lr = 0.0
+    c.optimizer.clip_norm = 0.0  # 0: no clipping (mmseg's recipes do not clip)
+
+    # devices: mesh axes ("data", "fsdp"); -1 takes the remaining devices
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "num_devices": 0})  # 0: all
+    # (regex on the parameter path, rule): "replicate" | "fsdp" | "None,fsdp,..."
+    c.partition_rules = (
+        (r"(^|/)(head|classifier|aux_head|aux_classifier)/", "replicate"),  # small; whole
+        (".*", "fsdp"),
+    )
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # empty: auto-detect (TPU pods, SLURM) or 1 process
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+
+    # checkpoints, logging, evaluation
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 4000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.log_every = 50
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 16000  # 0: only at the end
+    c.eval.mode = "whole"  # "whole" | "slide"
+    c.eval.crop = (512, 512)
+    c.eval.stride = (341, 341)
+    c.eval.ratios = (1.0,)
+    c.eval.flip = False
+    c.eval.max_images = 0  # 0: the whole split
+    c.eval.num_panels = 8
+    return c
+
+
+def segformer_recipe(c: ml_collections.ConfigDict, name: str) -> None:
+    """mmseg SegFormer: AdamW 6e-5, wd 0.01, head lr x10, no decay on norms, whole inference."""
+    c.model.name = name
+    c.model.head = "mmseg"  # the 256-wide conv+BN+ReLU head the paper builds on
+    c.model.norm_eps = 1e-6
+    c.optimizer.update(lr=6e-5, weight_decay=0.01, head_lr_mult=10.0, layer_decay=0.0)
+    c.optimizer.update(no_decay_norm=True, no_decay_1d=False)
+    c.eval.mode = "whole"
+    c.loss.update(centroid_weight=1.0, category_weight=0.1)
+
+
+def upernet_convnext_recipe(c: ml_collections.ConfigDict, name: str, drop_path: float) -> None:
+    """mmseg UperNet-ConvNeXt: AdamW 1e-4, wd 0.05, stage-wise decay 0.9, slide inference."""
+    c.model.name = name
+    c.model.drop_path_rate = drop_path
+    c.optimizer.update(lr=1e-4, weight_decay=0.05, head_lr_mult=1.0, layer_decay=0.9)
+    c.optimizer.update(layer_decay_num_layers=12, no_decay_norm=True, no_decay_1d=True)
+    c.eval.update(mode="slide", crop=(512, 512), stride=(341, 341))
+    c.loss.update(centroid_weight=1.0, category_weight=0.2, aux_weight=0.4)
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Applies the comma-separated variants in ``arg``: ``smoke`` and/or ``baseline``.
+
+    ``baseline``: the learned 1x1 classifier and no OCCL (the paper's "reimpl." column).
+    ``smoke``: tiny and CPU-fast, the same code path (a few steps on tiny crops).
+    """
+    for variant in [v for v in (arg or "").split(",") if v]:
+        if variant == "baseline":
+            c.model.classifier = "linear"
+            c.loss.occl = False
+        elif variant == "smoke":
+            smoke(c)
+        elif variant not in VARIANTS:
+            raise ValueError(f"unknown config variant {variant!r}; known: {VARIANTS}")
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+    """Seconds on a CPU: tiny crops, a handful of steps, small eval, float32."""
+    c.total_steps = 6
+    c.batch_size = 4
+    c.init_from = ""  # offline: no hub download in a smoke run
+    c.model.dtype = "float32"
+    c.model.drop_path_rate = 0.0
+    c.model.depths = (1, 1, 1, 1)  # same architecture family, one block per stage
+    c.data.crop_size = (64, 64)
+    c.data.base_scale = (256, 64)
+    c.data.test_scale = (128, 64)
+    c.data.num_workers = 0
+    c.optimizer.warmup_steps = 2
+    c.checkpoint.every = 3
+    c.log_every = 1
+    c.eval.every = 0
+    c.eval.max_images = 4
+    c.eval.num_panels = 2
+    c.eval.crop = (64, 64)
+    c.eval.stride = (48, 48)
