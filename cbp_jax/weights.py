@@ -13,8 +13,8 @@ values into the module's variables. Formats:
 - mmseg 1.x MiT (``layers.{s}.{0,1,2}``) and its SegformerHead;
 - HF ConvNeXt: ``ConvNextModel``, ``ConvNextBackbone``, ``ConvNextForImageClassification``,
   and ``UperNetForSemanticSegmentation`` (ConvNeXt backbone, UperNet + auxiliary heads);
-- timm and Facebook ConvNeXt (incl. Facebook's segmentation backbone with ``norm{i}``),
-  mmseg UPerHead / FCNHead.
+- timm and Facebook ConvNeXt (incl. Facebook's segmentation backbone with ``norm{i}``), and
+  mmpretrain's (mmseg UperNet-ConvNeXt checkpoints), with mmseg UPerHead / FCNHead.
 
 Never a silent partial load: a checkpoint tensor that maps to nothing, or a module variable
 that gets no value, raises an error listing them. The only variables allowed to stay freshly
@@ -283,12 +283,12 @@ FB_CONVNEXT = _rules(
     LN(r"downsample_layers\.0\.1", "stem_norm"),
     LN(r"downsample_layers\.([1-9])\.0", "stages.{}.down_norm"),
     CONV(r"downsample_layers\.([1-9])\.1", "stages.{}.down_conv"),
-    CONV(rf"stages\.{B}\.{B}\.dwconv", "stages.{}.blocks.{}.dwconv"),
+    CONV(rf"stages\.{B}\.{B}\.(?:dwconv|depthwise_conv)", "stages.{}.blocks.{}.dwconv"),
     LN(rf"stages\.{B}\.{B}\.norm", "stages.{}.blocks.{}.norm"),
-    LIN(rf"stages\.{B}\.{B}\.pwconv1", "stages.{}.blocks.{}.fc1"),
-    LIN(rf"stages\.{B}\.{B}\.pwconv2", "stages.{}.blocks.{}.fc2"),
+    LIN(rf"stages\.{B}\.{B}\.(?:pwconv1|pointwise_conv1)", "stages.{}.blocks.{}.fc1"),
+    LIN(rf"stages\.{B}\.{B}\.(?:pwconv2|pointwise_conv2)", "stages.{}.blocks.{}.fc2"),
     PARAM(rf"stages\.{B}\.{B}\.gamma", "stages.{}.blocks.{}.gamma"),
-    LN(r"norm(\d)", "out_norms.{}"),  # Facebook's segmentation backbone
+    LN(r"norm(\d)", "out_norms.{}"),  # segmentation backbones (Facebook, mmpretrain in mmseg)
 )
 
 
@@ -380,7 +380,7 @@ FORMATS = (
         (r"^head\.(norm|fc)\.(weight|bias)$", r"^norm_pre\."),
     ),
     Format(
-        "Facebook ConvNeXt",
+        "Facebook / mmpretrain ConvNeXt",
         "convnext",
         r"^downsample_layers\.0\.0\.weight$",
         ("backbone.", ""),

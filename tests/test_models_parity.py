@@ -301,15 +301,23 @@ def _facebook_keys(sd):
     return out
 
 
-@pytest.mark.parametrize("layout", ["timm", "facebook"])
+@pytest.mark.parametrize("layout", ["timm", "facebook", "mmpretrain"])
 def test_convnext_other_layouts(hf_convnext_tiny, tmp_path, layout):
     hf, hf_path = hf_convnext_tiny
     sd = load_file(hf_path / "model.safetensors")
     if layout == "timm":
         sd = {k: v for k, v in sd.items() if not k.startswith("hidden_states_norms")}
         sd = _timm_keys(sd) | {"head.fc.weight": torch.zeros(1000, 768)}
-    else:
+    elif layout == "facebook":
         sd = {"model": _facebook_keys(sd)}
+    else:  # mmseg's UperNet-ConvNeXt checkpoints: mmpretrain block names under backbone.
+        sd = {
+            "state_dict": {
+                "backbone."
+                + k.replace("dwconv", "depthwise_conv").replace("pwconv", "pointwise_conv"): v
+                for k, v in _facebook_keys(sd).items()
+            }
+        }
     path = tmp_path / "ckpt.pth"
     torch.save(sd, path)
     x, xt = images(1, 64, 64, seed=9)
