@@ -214,6 +214,26 @@ def test_train_step_updates_params_and_bn_stats_not_prototypes(segformer_small):
     np.testing.assert_array_equal(model.classifier.prototypes[...], protos)
 
 
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_segmentor_train_forward_sharded_equals_single_device(segformer_small, axis_type):
+    x = np.random.default_rng(2).normal(size=(8, 32, 32, 3)).astype(np.float32)
+
+    @nnx.jit
+    def fwd(model, x):
+        return model(x, train=True)
+
+    single, sharded = nnx.clone(segformer_small), nnx.clone(segformer_small)
+    ref = fwd(single, jnp.asarray(x))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    with jax.set_mesh(mesh):
+        out = fwd(sharded, jax.device_put(x, NamedSharding(mesh, P("data"))))
+    for key in ("logits", "features"):
+        np.testing.assert_allclose(out[key], ref[key], rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(
+        sharded.head.fuse.bn.var[...], single.head.fuse.bn.var[...], rtol=1e-5, atol=1e-6
+    )
+
+
 def test_upernet_segmentor_has_aux_logits():
     model = models.create(
         "upernet_convnext_tiny",
