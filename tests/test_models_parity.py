@@ -169,7 +169,7 @@ def _mmseg_keys(sd):
     return out
 
 
-@pytest.mark.parametrize("layout", ["nvlabs", "mmseg", "hf5"])
+@pytest.mark.parametrize("layout", ["nvlabs", "mmseg", "hf5", "hf_bin"])
 def test_mit_other_layouts(hf_b0, tmp_path, layout):
     hf, hf_path = hf_b0
     sd = load_file(hf_path / "model.safetensors")  # v4 names, as written to disk
@@ -177,14 +177,23 @@ def test_mit_other_layouts(hf_b0, tmp_path, layout):
         sd = _nvlabs_keys(sd)
     elif layout == "mmseg":
         sd = {"state_dict": _mmseg_keys(sd)}
-    else:  # a raw transformers 5.x state_dict(): the in-memory names
+    elif layout == "hf5":  # a raw transformers 5.x state_dict(): the in-memory names
         sd = dict(hf.state_dict())
+    # else "hf_bin": the v4 names in an HF folder's pytorch_model.bin
     path = tmp_path / "ckpt.pth"
     torch.save(sd, path)
+    if layout == "hf_bin":
+        path.rename(tmp_path / "pytorch_model.bin")
+        path = tmp_path  # an HF folder
     x, xt = images(1, 64, 64, seed=6)
     enc = models.create_encoder("mit_b0", rngs=nnx.Rngs(0), **HF_EPS)
     report = weights.load_pretrained(enc, path)
-    names = {"nvlabs": "NVlabs", "mmseg": "mmseg", "hf5": "HF transformers SegFormer (5.x"}
+    names = {
+        "nvlabs": "NVlabs",
+        "mmseg": "mmseg",
+        "hf5": "HF transformers SegFormer (5.x",
+        "hf_bin": "HF transformers SegFormer (v4",
+    }
     assert report.format.startswith(names[layout])
     for ours, ref in zip(_forward(enc, x), _hf_stages(hf, xt), strict=True):
         _close(ours, ref)
