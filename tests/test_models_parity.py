@@ -24,8 +24,9 @@ TOL = 1e-4
 HF_EPS = dict(norm_eps=1e-5, patch_norm_eps=1e-5)  # HF SegFormer uses 1e-5 everywhere
 
 
+@nnx.jit
 def _forward(model, x):
-    return nnx.jit(lambda m, x: m(x, train=False))(model, x)
+    return model(x, train=False)  # one jitted function: compiled once per model structure
 
 
 def _close(ours, ref, tol=TOL):
@@ -51,10 +52,15 @@ def hf_b0(tmp_path_factory):
     return hf, path
 
 
-def test_segformer_model_b0_stages(hf_b0):
+@pytest.fixture(scope="module")
+def b0_encoder():
+    return models.create_encoder("mit_b0", rngs=nnx.Rngs(0), **HF_EPS)
+
+
+def test_segformer_model_b0_stages(hf_b0, b0_encoder):
     hf, path = hf_b0
     x, xt = images(2, 64, 64)
-    enc = models.create_encoder("mit_b0", rngs=nnx.Rngs(0), **HF_EPS)
+    enc = b0_encoder
     report = weights.load_pretrained(enc, path)
     assert report.fresh == {} and len(report.loaded) == 192
     for ours, ref in zip(_forward(enc, x), _hf_stages(hf, xt), strict=True):
@@ -170,7 +176,7 @@ def _mmseg_keys(sd):
 
 
 @pytest.mark.parametrize("layout", ["nvlabs", "mmseg", "hf5", "hf_bin"])
-def test_mit_other_layouts(hf_b0, tmp_path, layout):
+def test_mit_other_layouts(hf_b0, b0_encoder, tmp_path, layout):
     hf, hf_path = hf_b0
     sd = load_file(hf_path / "model.safetensors")  # v4 names, as written to disk
     if layout == "nvlabs":
@@ -186,7 +192,7 @@ def test_mit_other_layouts(hf_b0, tmp_path, layout):
         path.rename(tmp_path / "pytorch_model.bin")
         path = tmp_path  # an HF folder
     x, xt = images(1, 64, 64, seed=6)
-    enc = models.create_encoder("mit_b0", rngs=nnx.Rngs(0), **HF_EPS)
+    enc = b0_encoder
     report = weights.load_pretrained(enc, path)
     names = {
         "nvlabs": "NVlabs",
@@ -261,15 +267,20 @@ def hf_convnext_tiny(tmp_path_factory):
     return hf, path
 
 
+@pytest.fixture(scope="module")
+def convnext_encoder():
+    return models.create_encoder("convnext_tiny", depths=TINY["depths"], rngs=nnx.Rngs(0))
+
+
 def _hf_maps(hf, xt):
     with torch.no_grad():
         return [nhwc(f) for f in hf(xt).feature_maps]
 
 
-def test_convnext_backbone_tiny(hf_convnext_tiny):
+def test_convnext_backbone_tiny(hf_convnext_tiny, convnext_encoder):
     hf, path = hf_convnext_tiny
     x, xt = images(1, 64, 64, seed=8)
-    enc = models.create_encoder("convnext_tiny", depths=TINY["depths"], rngs=nnx.Rngs(0))
+    enc = convnext_encoder
     report = weights.load_pretrained(enc, path)
     assert report.fresh == {}
     for ours, ref in zip(_forward(enc, x), _hf_maps(hf, xt), strict=True):
@@ -311,7 +322,7 @@ def _facebook_keys(sd):
 
 
 @pytest.mark.parametrize("layout", ["timm", "facebook", "mmpretrain"])
-def test_convnext_other_layouts(hf_convnext_tiny, tmp_path, layout):
+def test_convnext_other_layouts(hf_convnext_tiny, convnext_encoder, tmp_path, layout):
     hf, hf_path = hf_convnext_tiny
     sd = load_file(hf_path / "model.safetensors")
     if layout == "timm":
@@ -330,7 +341,7 @@ def test_convnext_other_layouts(hf_convnext_tiny, tmp_path, layout):
     path = tmp_path / "ckpt.pth"
     torch.save(sd, path)
     x, xt = images(1, 64, 64, seed=9)
-    enc = models.create_encoder("convnext_tiny", depths=TINY["depths"], rngs=nnx.Rngs(0))
+    enc = convnext_encoder
     report = weights.load_pretrained(enc, path)
     if layout == "timm":  # an ImageNet checkpoint: the output norms stay fresh
         assert report.fresh == {"encoder.out_norms": 8}
@@ -414,11 +425,6 @@ def test_adaptive_avg_pool_matches_torch(hw, s):
 
 
 # ----------------------------------------------------------------------------- loud failures
-
-
-@pytest.fixture(scope="module")
-def b0_encoder():
-    return models.create_encoder("mit_b0", rngs=nnx.Rngs(0), **HF_EPS)
 
 
 def _edited(hf_path, tmp_path, edit):
