@@ -1,6 +1,7 @@
 """Evaluation: mmseg-exact metrics, whole/slide inference with test-time resizing, reports.
 
-The library takes a ``logits_fn`` callable and never imports model or data code:
+The library takes a ``logits_fn`` callable and imports no model or data code (only the
+shared resize op of ``cbp_jax.models.layers``):
 
     logits_fn(images (B, h, w, 3) float32) -> logits (B, h', w', N)
 
@@ -39,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from cbp_jax.models import layers
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -357,15 +360,9 @@ def eval_resize_sizes(
     return sizes
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of (B, H, W, C) to (B, *size, C), like PyTorch ``F.interpolate(...,
-    mode="bilinear", align_corners=False)`` and OpenCV ``INTER_LINEAR``: half-pixel centres,
-    edge clamping, no antialiasing (also when shrinking)."""
-    if tuple(x.shape[1:3]) == tuple(size):
-        return x
-    shape = (x.shape[0], *size, x.shape[3])
-    return jax.image.resize(x.astype(jnp.float32), shape, "linear", antialias=False)
+# Bilinear resize like PyTorch ``F.interpolate(..., align_corners=False)`` and OpenCV
+# ``INTER_LINEAR`` (half-pixel centres, no antialiasing), one compile per (shape, size).
+resize_bilinear = jax.jit(layers.resize_bilinear, static_argnames=("size",))
 
 
 # ---------------------------------------------------------------------------------------------
