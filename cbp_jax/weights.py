@@ -544,13 +544,16 @@ class LoadReport:
     path: str
     format: str
     loaded: list[str]  # module variables that received a value
+    num_values: int  # scalars written
     fresh: dict[str, int]  # part -> number of variables left as initialized
     dropped: list[str]  # checkpoint keys intentionally not used
     skipped_parts: dict[str, int]  # checkpoint part -> tensors skipped (module lacks it)
 
     def summary(self) -> str:
         lines = [f"load_pretrained: {self.path}", f"  format: {self.format}"]
-        lines.append(f"  loaded: {len(self.loaded)} variables")
+        lines.append(
+            f"  loaded: {len(self.loaded)} variables, {self.num_values / 1e6:.2f} M values"
+        )
         if self.fresh:
             parts = ", ".join(f"{k} ({n})" for k, n in self.fresh.items())
             lines.append(f"  freshly initialized (not in the checkpoint): {parts}")
@@ -701,6 +704,7 @@ def load_pretrained(
         path=resolved,
         format=f"{fmt.name}" + (f", prefix {prefix!r}" if prefix else ""),
         loaded=sorted(values),
+        num_values=int(sum(v.size for v in values.values())),
         fresh=fresh,
         dropped=sorted(dropped),
         skipped_parts={k: len(v) for k, v in no_target.items()},
