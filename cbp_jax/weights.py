@@ -423,7 +423,7 @@ def _download(repo_id: str) -> str:
     )
 
 
-def _torch_load(path: str) -> dict[str, np.ndarray]:
+def _torch_load(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
@@ -431,7 +431,16 @@ def _torch_load(path: str) -> dict[str, np.ndarray]:
             f"Reading {path!r} (a PyTorch pickle) needs torch: `pip install torch` (the CPU wheel "
             "is enough), or convert the file to .safetensors elsewhere."
         ) from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as e:
+        if trust_pickle or "weights_only" not in str(e):
+            raise
+        raise ValueError(
+            f"{path!r} pickles objects other than tensors (e.g. mmengine training metadata), "
+            "which torch.load(weights_only=True) refuses. If you trust the file, pass "
+            "trust_pickle=True (runs its pickle code); or re-save only its state_dict."
+        ) from e
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -460,7 +469,9 @@ def _safetensors_load(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+def read_state_dict(
+    path: str | os.PathLike, *, trust_pickle: bool = False
+) -> tuple[dict[str, np.ndarray], str]:
     """Reads a checkpoint into NumPy arrays; returns (state dict, resolved file path).
 
     Accepts a ``.safetensors`` / ``.bin`` / ``.pth`` / ``.pt`` file, an HF ``save_pretrained``
@@ -493,7 +504,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
         return sd, path
     if path.endswith(".safetensors"):
         return _safetensors_load(path), path
-    return _torch_load(path), path
+    return _torch_load(path, trust_pickle), path
 
 
 # ----------------------------------------------------------------------------- mapping
@@ -582,6 +593,7 @@ def load_pretrained(
     *,
     ignore: Sequence[str] = (),
     verbose: bool = True,
+    trust_pickle: bool = False,
 ) -> LoadReport:
     """Loads a PyTorch checkpoint into an encoder or a segmentor, in place.
 
@@ -591,6 +603,8 @@ def load_pretrained(
       ignore: regexes (``re.search``) of checkpoint keys to drop on purpose (e.g.
         ``[r"^decode_head\\.classifier"]`` to keep a fresh CBP classifier of another width).
       verbose: print the one-screen summary.
+      trust_pickle: allow PyTorch pickles with non-tensor objects (``weights_only=False``);
+        only for files you trust.
 
     Returns:
       A :class:`LoadReport`.
@@ -610,7 +624,7 @@ def load_pretrained(
             f"{type(module).__name__}."
         )
     family = "mit" if isinstance(encoder, MixTransformer) else "convnext"
-    sd, resolved = read_state_dict(path)
+    sd, resolved = read_state_dict(path, trust_pickle=trust_pickle)
     fmt, prefix = _detect(list(sd), family)
     targets = _targets(module)
     ignore_pats = [re.compile(p) for p in ignore]

@@ -504,6 +504,19 @@ def test_segmentation_checkpoint_into_cbp_segmentor(tmp_path):
     assert set(report.fresh) == {"head"} and len(report.loaded) == 192
 
 
+class TrainingMeta:
+    """Stands for the non-tensor objects mmengine pickles into checkpoints."""
+
+
+def test_pickled_metadata_needs_trust(hf_b0, b0_encoder, tmp_path):
+    sd = {"state_dict": _mmseg_keys(load_file(hf_b0[1] / "model.safetensors"))}
+    torch.save(sd | {"message_hub": TrainingMeta()}, tmp_path / "mmseg.pth")
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        weights.load_pretrained(b0_encoder, tmp_path / "mmseg.pth")
+    report = weights.load_pretrained(b0_encoder, tmp_path / "mmseg.pth", trust_pickle=True)
+    assert report.format.startswith("mmseg") and len(report.loaded) == 192
+
+
 def test_hub_id_offline_says_how_to_pass_a_file(b0_encoder, monkeypatch):
     import huggingface_hub.constants
 
