@@ -13,8 +13,8 @@ values into the module's variables. Formats:
 - mmseg 1.x MiT (``layers.{s}.{0,1,2}``) and its SegformerHead;
 - HF ConvNeXt: ``ConvNextModel``, ``ConvNextBackbone``, ``ConvNextForImageClassification``,
   and ``UperNetForSemanticSegmentation`` (ConvNeXt backbone, UperNet + auxiliary heads);
-- timm and Facebook ConvNeXt (incl. Facebook's segmentation backbone with ``norm{i}``),
-  mmseg UPerHead / FCNHead.
+- timm and Facebook ConvNeXt (incl. Facebook's segmentation backbone with ``norm{i}``), and
+  mmpretrain's (mmseg UperNet-ConvNeXt checkpoints), with mmseg UPerHead / FCNHead.
 
 Never a silent partial load: a checkpoint tensor that maps to nothing, or a module variable
 that gets no value, raises an error listing them. The only variables allowed to stay freshly
@@ -283,12 +283,12 @@ FB_CONVNEXT = _rules(
     LN(r"downsample_layers\.0\.1", "stem_norm"),
     LN(r"downsample_layers\.([1-9])\.0", "stages.{}.down_norm"),
     CONV(r"downsample_layers\.([1-9])\.1", "stages.{}.down_conv"),
-    CONV(rf"stages\.{B}\.{B}\.dwconv", "stages.{}.blocks.{}.dwconv"),
+    CONV(rf"stages\.{B}\.{B}\.(?:dwconv|depthwise_conv)", "stages.{}.blocks.{}.dwconv"),
     LN(rf"stages\.{B}\.{B}\.norm", "stages.{}.blocks.{}.norm"),
-    LIN(rf"stages\.{B}\.{B}\.pwconv1", "stages.{}.blocks.{}.fc1"),
-    LIN(rf"stages\.{B}\.{B}\.pwconv2", "stages.{}.blocks.{}.fc2"),
+    LIN(rf"stages\.{B}\.{B}\.(?:pwconv1|pointwise_conv1)", "stages.{}.blocks.{}.fc1"),
+    LIN(rf"stages\.{B}\.{B}\.(?:pwconv2|pointwise_conv2)", "stages.{}.blocks.{}.fc2"),
     PARAM(rf"stages\.{B}\.{B}\.gamma", "stages.{}.blocks.{}.gamma"),
-    LN(r"norm(\d)", "out_norms.{}"),  # Facebook's segmentation backbone
+    LN(r"norm(\d)", "out_norms.{}"),  # segmentation backbones (Facebook, mmpretrain in mmseg)
 )
 
 
@@ -380,7 +380,7 @@ FORMATS = (
         (r"^head\.(norm|fc)\.(weight|bias)$", r"^norm_pre\."),
     ),
     Format(
-        "Facebook ConvNeXt",
+        "Facebook / mmpretrain ConvNeXt",
         "convnext",
         r"^downsample_layers\.0\.0\.weight$",
         ("backbone.", ""),
@@ -423,7 +423,7 @@ def _download(repo_id: str) -> str:
     )
 
 
-def _torch_load(path: str) -> dict[str, np.ndarray]:
+def _torch_load(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
@@ -431,7 +431,16 @@ def _torch_load(path: str) -> dict[str, np.ndarray]:
             f"Reading {path!r} (a PyTorch pickle) needs torch: `pip install torch` (the CPU wheel "
             "is enough), or convert the file to .safetensors elsewhere."
         ) from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as e:
+        if trust_pickle or "weights_only" not in str(e):
+            raise
+        raise ValueError(
+            f"{path!r} pickles objects other than tensors (e.g. mmengine training metadata), "
+            "which torch.load(weights_only=True) refuses. If you trust the file, pass "
+            "trust_pickle=True (runs its pickle code); or re-save only its state_dict."
+        ) from e
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -460,7 +469,9 @@ def _safetensors_load(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+def read_state_dict(
+    path: str | os.PathLike, *, trust_pickle: bool = False
+) -> tuple[dict[str, np.ndarray], str]:
     """Reads a checkpoint into NumPy arrays; returns (state dict, resolved file path).
 
     Accepts a ``.safetensors`` / ``.bin`` / ``.pth`` / ``.pt`` file, an HF ``save_pretrained``
@@ -493,7 +504,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
         return sd, path
     if path.endswith(".safetensors"):
         return _safetensors_load(path), path
-    return _torch_load(path), path
+    return _torch_load(path, trust_pickle), path
 
 
 # ----------------------------------------------------------------------------- mapping
@@ -544,13 +555,16 @@ class LoadReport:
     path: str
     format: str
     loaded: list[str]  # module variables that received a value
+    num_values: int  # scalars written
     fresh: dict[str, int]  # part -> number of variables left as initialized
     dropped: list[str]  # checkpoint keys intentionally not used
     skipped_parts: dict[str, int]  # checkpoint part -> tensors skipped (module lacks it)
 
     def summary(self) -> str:
         lines = [f"load_pretrained: {self.path}", f"  format: {self.format}"]
-        lines.append(f"  loaded: {len(self.loaded)} variables")
+        lines.append(
+            f"  loaded: {len(self.loaded)} variables, {self.num_values / 1e6:.2f} M values"
+        )
         if self.fresh:
             parts = ", ".join(f"{k} ({n})" for k, n in self.fresh.items())
             lines.append(f"  freshly initialized (not in the checkpoint): {parts}")
@@ -579,6 +593,7 @@ def load_pretrained(
     *,
     ignore: Sequence[str] = (),
     verbose: bool = True,
+    trust_pickle: bool = False,
 ) -> LoadReport:
     """Loads a PyTorch checkpoint into an encoder or a segmentor, in place.
 
@@ -588,6 +603,8 @@ def load_pretrained(
       ignore: regexes (``re.search``) of checkpoint keys to drop on purpose (e.g.
         ``[r"^decode_head\\.classifier"]`` to keep a fresh CBP classifier of another width).
       verbose: print the one-screen summary.
+      trust_pickle: allow PyTorch pickles with non-tensor objects (``weights_only=False``);
+        only for files you trust.
 
     Returns:
       A :class:`LoadReport`.
@@ -607,7 +624,7 @@ def load_pretrained(
             f"{type(module).__name__}."
         )
     family = "mit" if isinstance(encoder, MixTransformer) else "convnext"
-    sd, resolved = read_state_dict(path)
+    sd, resolved = read_state_dict(path, trust_pickle=trust_pickle)
     fmt, prefix = _detect(list(sd), family)
     targets = _targets(module)
     ignore_pats = [re.compile(p) for p in ignore]
@@ -701,6 +718,7 @@ def load_pretrained(
         path=resolved,
         format=f"{fmt.name}" + (f", prefix {prefix!r}" if prefix else ""),
         loaded=sorted(values),
+        num_values=int(sum(v.size for v in values.values())),
         fresh=fresh,
         dropped=sorted(dropped),
         skipped_parts={k: len(v) for k, v in no_target.items()},

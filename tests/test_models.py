@@ -29,6 +29,11 @@ def mit_small():
 
 
 @pytest.fixture(scope="module")
+def segformer_small():
+    return models.create("segformer_b0", num_classes=4, rngs=nnx.Rngs(0), **SMALL_MIT)
+
+
+@pytest.fixture(scope="module")
 def convnext_small():
     return models.create_encoder("convnext_tiny", drop_path_rate=0.0, rngs=nnx.Rngs(0), **SMALL_CNX)
 
@@ -163,8 +168,8 @@ def test_bfloat16_compute_keeps_float32_params(convnext_small):
 # ----------------------------------------------------------------------------- segmentors
 
 
-def test_segformer_segmentor_contract():
-    model = models.create("segformer_b0", num_classes=7, rngs=nnx.Rngs(0), **SMALL_MIT)
+def test_segformer_segmentor_contract(segformer_small):
+    model = segformer_small
     assert isinstance(model.classifier.prototypes, Prototypes)
     assert not any(
         "prototypes" in ".".join(map(str, p))
@@ -173,12 +178,59 @@ def test_segformer_segmentor_contract():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
     out = _call(model, x, True)
     assert set(out) == {"logits", "features"}
-    assert out["logits"].shape == (2, 16, 16, 7) and out["features"].shape == (2, 16, 16, 256)
+    assert out["logits"].shape == (2, 16, 16, 4) and out["features"].shape == (2, 16, 16, 256)
     assert out["logits"].dtype == out["features"].dtype == jnp.float32
     # The logits are the classifier applied to the returned features (OCCL sees the same).
     w = np.asarray(model.classifier.prototypes[...])
     np.testing.assert_allclose(
         out["logits"], np.einsum("bhwc,nc->bhwn", out["features"], w), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_train_step_updates_params_and_bn_stats_not_prototypes(segformer_small):
+    model = segformer_small
+    protos = np.asarray(model.classifier.prototypes[...]).copy()
+    bn_mean = np.asarray(model.head.fuse.bn.mean[...]).copy()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    labels = jnp.asarray(np.random.default_rng(1).integers(0, 4, size=(2, 8, 8)))
+
+    @nnx.jit
+    def step(model, x, labels):
+        def loss_fn(model):
+            logits = model(x, train=True)["logits"]
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        return loss, grads
+
+    loss, grads = step(model, x, labels)
+    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(grads)}
+    assert np.isfinite(float(loss))
+    assert not any("prototypes" in k for k in flat)
+    assert all(np.isfinite(np.asarray(v[...])).all() for v in flat.values())
+    assert float(jnp.abs(flat["encoder.stages.0.patch_embed.proj.kernel"][...]).max()) > 0
+    assert float(jnp.abs(flat["head.fuse.conv.kernel"][...]).max()) > 0
+    assert not np.allclose(model.head.fuse.bn.mean[...], bn_mean)  # train mode: stats move
+    np.testing.assert_array_equal(model.classifier.prototypes[...], protos)
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_segmentor_train_forward_sharded_equals_single_device(segformer_small, axis_type):
+    x = np.random.default_rng(2).normal(size=(8, 32, 32, 3)).astype(np.float32)
+
+    @nnx.jit
+    def fwd(model, x):
+        return model(x, train=True)
+
+    single, sharded = nnx.clone(segformer_small), nnx.clone(segformer_small)
+    ref = fwd(single, jnp.asarray(x))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    with jax.set_mesh(mesh):
+        out = fwd(sharded, jax.device_put(x, NamedSharding(mesh, P("data"))))
+    for key in ("logits", "features"):
+        np.testing.assert_allclose(out[key], ref[key], rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(
+        sharded.head.fuse.bn.var[...], single.head.fuse.bn.var[...], rtol=1e-5, atol=1e-6
     )
 
 

@@ -24,8 +24,9 @@ TOL = 1e-4
 HF_EPS = dict(norm_eps=1e-5, patch_norm_eps=1e-5)  # HF SegFormer uses 1e-5 everywhere
 
 
+@nnx.jit
 def _forward(model, x):
-    return nnx.jit(lambda m, x: m(x, train=False))(model, x)
+    return model(x, train=False)  # one jitted function: compiled once per model structure
 
 
 def _close(ours, ref, tol=TOL):
@@ -51,10 +52,15 @@ def hf_b0(tmp_path_factory):
     return hf, path
 
 
-def test_segformer_model_b0_stages(hf_b0):
+@pytest.fixture(scope="module")
+def b0_encoder():
+    return models.create_encoder("mit_b0", rngs=nnx.Rngs(0), **HF_EPS)
+
+
+def test_segformer_model_b0_stages(hf_b0, b0_encoder):
     hf, path = hf_b0
     x, xt = images(2, 64, 64)
-    enc = models.create_encoder("mit_b0", rngs=nnx.Rngs(0), **HF_EPS)
+    enc = b0_encoder
     report = weights.load_pretrained(enc, path)
     assert report.fresh == {} and len(report.loaded) == 192
     for ours, ref in zip(_forward(enc, x), _hf_stages(hf, xt), strict=True):
@@ -169,25 +175,82 @@ def _mmseg_keys(sd):
     return out
 
 
-@pytest.mark.parametrize("layout", ["nvlabs", "mmseg", "hf5"])
-def test_mit_other_layouts(hf_b0, tmp_path, layout):
+@pytest.mark.parametrize("layout", ["nvlabs", "mmseg", "hf5", "hf_bin"])
+def test_mit_other_layouts(hf_b0, b0_encoder, tmp_path, layout):
     hf, hf_path = hf_b0
     sd = load_file(hf_path / "model.safetensors")  # v4 names, as written to disk
     if layout == "nvlabs":
         sd = _nvlabs_keys(sd)
     elif layout == "mmseg":
         sd = {"state_dict": _mmseg_keys(sd)}
-    else:  # a raw transformers 5.x state_dict(): the in-memory names
+    elif layout == "hf5":  # a raw transformers 5.x state_dict(): the in-memory names
         sd = dict(hf.state_dict())
+    # else "hf_bin": the v4 names in an HF folder's pytorch_model.bin
     path = tmp_path / "ckpt.pth"
     torch.save(sd, path)
+    if layout == "hf_bin":
+        path.rename(tmp_path / "pytorch_model.bin")
+        path = tmp_path  # an HF folder
     x, xt = images(1, 64, 64, seed=6)
-    enc = models.create_encoder("mit_b0", rngs=nnx.Rngs(0), **HF_EPS)
+    enc = b0_encoder
     report = weights.load_pretrained(enc, path)
-    names = {"nvlabs": "NVlabs", "mmseg": "mmseg", "hf5": "HF transformers SegFormer (5.x"}
+    names = {
+        "nvlabs": "NVlabs",
+        "mmseg": "mmseg",
+        "hf5": "HF transformers SegFormer (5.x",
+        "hf_bin": "HF transformers SegFormer (v4",
+    }
     assert report.format.startswith(names[layout])
     for ours, ref in zip(_forward(enc, x), _hf_stages(hf, xt), strict=True):
         _close(ours, ref)
+
+
+class _ConvModule(torch.nn.Module):
+    """mmcv ConvModule: conv (no bias) -> BN -> ReLU, with mmcv's attribute names."""
+
+    def __init__(self, din, dout):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(din, dout, 1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(dout)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _MMSegSegformerHead(torch.nn.Module):
+    """mmseg 1.x SegformerHead written from its layer list (eval mode: no dropout)."""
+
+    def __init__(self, dims, width, num_classes):
+        super().__init__()
+        self.convs = torch.nn.ModuleList([_ConvModule(d, width) for d in dims])
+        self.fusion_conv = _ConvModule(width * len(dims), width)
+        self.conv_seg = torch.nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, feats):
+        size = feats[0].shape[2:]
+        outs = [
+            F.interpolate(conv(f), size=size, mode="bilinear", align_corners=False)
+            for conv, f in zip(self.convs, feats, strict=True)
+        ]
+        return self.conv_seg(self.fusion_conv(torch.cat(outs, dim=1)))
+
+
+def test_mmseg_segformer_head_and_checkpoint(hf_b0, tmp_path):
+    hf, hf_path = hf_b0
+    head = randomize_(_MMSegSegformerHead([32, 64, 160, 256], 256, 6), seed=14)
+    sd = _mmseg_keys(load_file(hf_path / "model.safetensors"))
+    sd |= {f"decode_head.{k}": v for k, v in head.state_dict().items()}
+    torch.save({"state_dict": sd, "meta": {}}, tmp_path / "segformer.pth")
+    x, xt = images(2, 64, 64, seed=15)
+    model = models.create(
+        "segformer_b0", num_classes=6, classifier="linear", rngs=nnx.Rngs(0), **HF_EPS
+    )
+    report = weights.load_pretrained(model, tmp_path / "segformer.pth")
+    assert report.fresh == {}
+    with torch.no_grad():
+        feats = hf(xt, output_hidden_states=True).hidden_states
+        ref = nhwc(head(feats))
+    _close(_forward(model, x)["logits"], ref)
 
 
 # ----------------------------------------------------------------------------- ConvNeXt
@@ -204,15 +267,20 @@ def hf_convnext_tiny(tmp_path_factory):
     return hf, path
 
 
+@pytest.fixture(scope="module")
+def convnext_encoder():
+    return models.create_encoder("convnext_tiny", depths=TINY["depths"], rngs=nnx.Rngs(0))
+
+
 def _hf_maps(hf, xt):
     with torch.no_grad():
         return [nhwc(f) for f in hf(xt).feature_maps]
 
 
-def test_convnext_backbone_tiny(hf_convnext_tiny):
+def test_convnext_backbone_tiny(hf_convnext_tiny, convnext_encoder):
     hf, path = hf_convnext_tiny
     x, xt = images(1, 64, 64, seed=8)
-    enc = models.create_encoder("convnext_tiny", depths=TINY["depths"], rngs=nnx.Rngs(0))
+    enc = convnext_encoder
     report = weights.load_pretrained(enc, path)
     assert report.fresh == {}
     for ours, ref in zip(_forward(enc, x), _hf_maps(hf, xt), strict=True):
@@ -253,19 +321,27 @@ def _facebook_keys(sd):
     return out
 
 
-@pytest.mark.parametrize("layout", ["timm", "facebook"])
-def test_convnext_other_layouts(hf_convnext_tiny, tmp_path, layout):
+@pytest.mark.parametrize("layout", ["timm", "facebook", "mmpretrain"])
+def test_convnext_other_layouts(hf_convnext_tiny, convnext_encoder, tmp_path, layout):
     hf, hf_path = hf_convnext_tiny
     sd = load_file(hf_path / "model.safetensors")
     if layout == "timm":
         sd = {k: v for k, v in sd.items() if not k.startswith("hidden_states_norms")}
         sd = _timm_keys(sd) | {"head.fc.weight": torch.zeros(1000, 768)}
-    else:
+    elif layout == "facebook":
         sd = {"model": _facebook_keys(sd)}
+    else:  # mmseg's UperNet-ConvNeXt checkpoints: mmpretrain block names under backbone.
+        sd = {
+            "state_dict": {
+                "backbone."
+                + k.replace("dwconv", "depthwise_conv").replace("pwconv", "pointwise_conv"): v
+                for k, v in _facebook_keys(sd).items()
+            }
+        }
     path = tmp_path / "ckpt.pth"
     torch.save(sd, path)
     x, xt = images(1, 64, 64, seed=9)
-    enc = models.create_encoder("convnext_tiny", depths=TINY["depths"], rngs=nnx.Rngs(0))
+    enc = convnext_encoder
     report = weights.load_pretrained(enc, path)
     if layout == "timm":  # an ImageNet checkpoint: the output norms stay fresh
         assert report.fresh == {"encoder.out_norms": 8}
@@ -289,10 +365,16 @@ def _hf_out_norms_into(enc, hf):
 SMALL_CNX = dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1])
 
 
-def test_upernet_logits_and_aux(tmp_path):
+@pytest.mark.parametrize(("aux_convs", "concat"), [(1, False), (2, True)])
+def test_upernet_logits_and_aux(tmp_path, aux_convs, concat):
     backbone = T.ConvNextConfig(**SMALL_CNX, out_features=OUT)
     cfg = T.UperNetConfig(
-        backbone_config=backbone, hidden_size=32, auxiliary_channels=16, num_labels=5
+        backbone_config=backbone,
+        hidden_size=32,
+        auxiliary_channels=16,
+        auxiliary_num_convs=aux_convs,
+        auxiliary_concat_input=concat,
+        num_labels=5,
     )
     hf = randomize_(T.UperNetForSemanticSegmentation(cfg), seed=10)
     hf.save_pretrained(tmp_path)
@@ -304,6 +386,8 @@ def test_upernet_logits_and_aux(tmp_path):
         classifier="linear",
         head_width=32,
         aux_width=16,
+        aux_num_convs=aux_convs,
+        aux_concat_input=concat,
         dims=SMALL_CNX["hidden_sizes"],
         depths=SMALL_CNX["depths"],
         rngs=nnx.Rngs(0),
@@ -341,11 +425,6 @@ def test_adaptive_avg_pool_matches_torch(hw, s):
 
 
 # ----------------------------------------------------------------------------- loud failures
-
-
-@pytest.fixture(scope="module")
-def b0_encoder():
-    return models.create_encoder("mit_b0", rngs=nnx.Rngs(0), **HF_EPS)
 
 
 def _edited(hf_path, tmp_path, edit):
@@ -423,6 +502,19 @@ def test_segmentation_checkpoint_into_cbp_segmentor(tmp_path):
         weights.load_pretrained(model, tmp_path)  # mmseg head + CBP: the HF head does not fit
     report = weights.load_pretrained(model, tmp_path, ignore=[r"^decode_head\."])
     assert set(report.fresh) == {"head"} and len(report.loaded) == 192
+
+
+class TrainingMeta:
+    """Stands for the non-tensor objects mmengine pickles into checkpoints."""
+
+
+def test_pickled_metadata_needs_trust(hf_b0, b0_encoder, tmp_path):
+    sd = {"state_dict": _mmseg_keys(load_file(hf_b0[1] / "model.safetensors"))}
+    torch.save(sd | {"message_hub": TrainingMeta()}, tmp_path / "mmseg.pth")
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        weights.load_pretrained(b0_encoder, tmp_path / "mmseg.pth")
+    report = weights.load_pretrained(b0_encoder, tmp_path / "mmseg.pth", trust_pickle=True)
+    assert report.format.startswith("mmseg") and len(report.loaded) == 192
 
 
 def test_hub_id_offline_says_how_to_pass_a_file(b0_encoder, monkeypatch):

@@ -93,6 +93,8 @@ _SEG_DEFAULTS = dict(
     dropout=0.1,
     aux=None,  # UperNet auxiliary FCN head; None: True for UperNet
     aux_width=256,
+    aux_num_convs=1,
+    aux_concat_input=False,
 )
 
 
@@ -112,7 +114,8 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
         'mlp' (original / HF Linear head, for HF-trained checkpoints).
         ``head_width``: decoder width D (SegFormer 'mmseg' 256; 'mlp' 256 for B0/B1 and 768
         for B2-B5; UperNet 512).
-        ``dropout`` (0.1) before the classifier; ``aux`` (UperNet: True), ``aux_width`` (256).
+        ``dropout`` (0.1) before the classifier; ``aux`` (UperNet: True), ``aux_width`` (256),
+        ``aux_num_convs`` (1), ``aux_concat_input`` (False): the auxiliary FCN head on stage 3.
         Anything else goes to :func:`create_encoder` (``dtype``, ``dwconv_impl``,
         ``drop_path_rate``, ``norm_eps``, ...).
     """
@@ -176,8 +179,8 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
             encoder.dims,
             seg["aux_width"],
             in_index=2,
-            num_convs=1,
-            concat_input=False,
+            num_convs=seg["aux_num_convs"],
+            concat_input=seg["aux_concat_input"],
             dropout=seg["dropout"],
             dtype=dtype,
             rngs=rngs,

@@ -84,15 +84,17 @@ class EfficientAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
-        head_dim = c // self.num_heads
-        q = self.q(x).reshape(b, h * w, self.num_heads, head_dim)
+        n, d = self.num_heads, c // self.num_heads
+        # Only the channel axis is split or merged (no reshape across spatial axes), so this
+        # also traces under explicitly sharded batches.
+        q = self.q(x).reshape(b, h, w, n, d)
         kv = self.sr_norm(self.sr(x)) if self.sr_ratio > 1 else x
-        n_kv = kv.shape[1] * kv.shape[2]
-        k = self.k(kv).reshape(b, n_kv, self.num_heads, head_dim)
-        v = self.v(kv).reshape(b, n_kv, self.num_heads, head_dim)
-        scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * (head_dim**-0.5)
-        attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, h, w, c)
+        hk, wk = kv.shape[1], kv.shape[2]
+        k = self.k(kv).reshape(b, hk, wk, n, d)
+        v = self.v(kv).reshape(b, hk, wk, n, d)
+        scores = jnp.einsum("bhwnd,bijnd->bnhwij", q, k) * (d**-0.5)
+        attn = jax.nn.softmax(scores.astype(jnp.float32), axis=(-2, -1)).astype(v.dtype)
+        out = jnp.einsum("bnhwij,bijnd->bhwnd", attn, v).reshape(b, h, w, c)
         return self.proj(out)
 
 
