@@ -1,6 +1,7 @@
 """Training library: optimizer recipes, schedules, the train state and the jitted steps.
 
-The state is a plain pytree ``{"step", "params", "opt_state", "model_state"}``: ``params``
+The state is a plain pytree ``{"step", "nonfinite_steps", "params", "opt_state",
+"model_state"}``: ``params``
 are the model's ``nnx.Param`` leaves, ``model_state`` everything else NNX tracks (BatchNorm
 statistics, dropout RNG counters, frozen prototypes). The model's graph definition is static
 and closed over by the step functions.
@@ -179,7 +180,8 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> State:
     """The initial train state for ``model`` and optimizer ``tx``."""
     _, params, model_state = split_model(model)
     return {
-        "step": jnp.zeros((), jnp.int32),
+        "step": jnp.zeros((), jnp.int32),  # optimizer updates applied
+        "nonfinite_steps": jnp.zeros((), jnp.int32),  # steps skipped for a NaN / inf
         "params": params,
         "opt_state": tx.init(params),
         "model_state": model_state,
@@ -241,8 +243,8 @@ def make_train_step(
     """``train_step(state, batch) -> (state, metrics)``, to be wrapped in ``jax.jit``.
 
     A step whose loss, gradient or updated parameters are not finite leaves the state
-    untouched (the step counter too) and reports ``finite = False``, so the last good state
-    can be saved before stopping.
+    untouched (the step counter too) and increments ``state["nonfinite_steps"]``, reported
+    in the metrics, so the host can stop with the last good state at its next look.
     """
 
     def train_step(state: State, batch: dict[str, jax.Array]):
@@ -281,7 +283,9 @@ def make_train_step(
         grad_norm, param_norm = _global_norm(grads), _global_norm(params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
-        metrics |= {"finite": finite, "grad_norm": grad_norm, "param_norm": param_norm}
+        new_state["nonfinite_steps"] = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
+        metrics |= {"grad_norm": grad_norm, "param_norm": param_norm}
+        metrics["nonfinite_steps"] = new_state["nonfinite_steps"]
         return new_state, metrics
 
     return train_step

@@ -114,24 +114,18 @@ class Setup:
         return self._init()
 
     def load_pretrained(self, state, path: str):
-        """Loads encoder (or segmentor) weights from ``path`` into ``state``'s parameters."""
+        """``state`` with encoder (or segmentor) weights from ``path`` in its parameters.
+
+        The optimizer state is left as it is: fresh AdamW / SGD moments are zeros whatever
+        the parameter values.
+        """
         from cbp_jax import weights
 
         model = nnx.merge(self.graphdef, state["params"], state["model_state"])
         weights.load_pretrained(model, path)
         _, params, model_state = train_lib.split_model(model)
-        fresh = {"params": params, "model_state": model_state}
-        fresh = jax.device_put(
-            fresh,
-            {k: self.state_shardings[k] for k in ("params", "model_state")},
-        )
-        return {
-            **state,
-            **fresh,
-            "opt_state": jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(
-                fresh["params"]
-            ),
-        }
+        loaded = {"params": params, "model_state": model_state}
+        return state | jax.device_put(loaded, {k: self.state_shardings[k] for k in loaded})
 
 
 # ----------------------------------------------------------------------------- logging
@@ -409,13 +403,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last = step == config.total_steps
                 if step % config.log_every == 0 or last or preemption.requested:
                     scalars = _log(step, metrics, config, progress, writer)
-                    if not scalars["finite"]:
+                    if scalars["nonfinite_steps"]:
                         good_step = int(state["step"])  # non-finite steps left the state alone
                         if good_step not in checkpointer.manager.all_steps():
                             checkpointer.save(good_step, state, loader.get_state(), force=True)
                         checkpointer.wait()
                         raise NonFiniteLossError(
-                            f"Non-finite loss by step {step} (last logged values: {scalars}). "
+                            f"Non-finite loss or update by step {step} (logged: {scalars}). "
                             f"The last good state was saved in {checkpointer.directory}; lower "
                             "config.optimizer.lr or enable config.optimizer.clip_norm, then "
                             "restart."
