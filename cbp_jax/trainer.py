@@ -260,9 +260,12 @@ def _evaluate_on_device(config, graphdef, host_state, device, out_dir, progress,
     classifier = nnx.merge(graphdef, local_state["params"], local_state["model_state"]).classifier
     weights = np.asarray(classifier.class_weights())
     analysis = evaluation.prototype_analysis(weights)
+    # Fig. 5 groups classes by pixel frequency; the evaluated split's own label counts stand
+    # in for the training counts (they come free with the confusion matrix).
     groups = evaluation.f1_by_frequency_groups(
         np.asarray(metrics["F1"]),
         np.asarray(metrics["label_area"]),
+        num_groups=config.eval.frequency_groups,
         class_names=source.class_names,
     )
     if out_dir is not None and jax.process_index() == 0:
@@ -275,6 +278,7 @@ def _evaluate_on_device(config, graphdef, host_state, device, out_dir, progress,
             extra={
                 "prototype_analysis": analysis,
                 "f1_by_frequency_groups": groups,
+                "frequency_groups_counted_on": config.data.eval_split,
                 **(extra or {}),
             },
         )
