@@ -255,7 +255,7 @@ def test_mmseg_segformer_head_and_checkpoint(hf_b0, tmp_path):
 
 # ----------------------------------------------------------------------------- ConvNeXt
 
-TINY = dict(hidden_sizes=[96, 192, 384, 768], depths=[1, 1, 3, 1])  # tiny widths, shallow
+TINY = dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])  # ConvNeXt-T
 OUT = ["stage1", "stage2", "stage3", "stage4"]
 
 
