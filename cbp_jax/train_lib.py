@@ -251,7 +251,9 @@ def make_train_step(
         images, labels = batch["image"], batch["label"]
         key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
 
-        model = nnx.merge(graphdef, state["params"], state["model_state"])
+        # copy=True: the step mutates the model (BatchNorm statistics, the update), and
+        # `state` must keep its own values for a skipped, non-finite step.
+        model = nnx.merge(graphdef, state["params"], state["model_state"], copy=True)
 
         def loss_fn(model):
             out = model(images, train=True)
@@ -276,6 +278,7 @@ def make_train_step(
 
         new_state = {
             "step": state["step"] + 1,
+            "nonfinite_steps": state["nonfinite_steps"],
             "params": params,
             "opt_state": opt_state,
             "model_state": model_state,

@@ -147,7 +147,7 @@ def _check_batch(
         if global_batch_size % size:
             raise ValueError(
                 f"global_batch_size={global_batch_size} is not divisible by the mesh's "
-                f"{data_axis!r} axes of size {size}; pick a multiple of it"
+                f"{data_axis!r} axis of size {size}; pick a multiple of it"
             )
     return global_batch_size // shard_count
 
