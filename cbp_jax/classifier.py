@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cbp_jax import losses
 from cbp_jax import prototypes as cbp
 
 UPDATES = ("frozen", "gradient", "ema", "penalty")
@@ -48,12 +49,6 @@ def orthogonality_penalty(prototypes: jax.Array) -> jax.Array:
     """Sum of squared off-diagonal cosines, ``||W_n W_n^T - I||_F^2`` for row-normalized W_n."""
     cos = cbp.cosine_matrix(prototypes)
     return jnp.sum(jnp.square(cos - jnp.eye(cos.shape[0], dtype=cos.dtype)))
-
-
-def _normalize(features: jax.Array) -> jax.Array:
-    return features * jax.lax.rsqrt(
-        jnp.maximum(jnp.sum(jnp.square(features), axis=-1, keepdims=True), 1e-12)
-    )
 
 
 class CBPClassifier(nnx.Module):
@@ -108,7 +103,7 @@ class CBPClassifier(nnx.Module):
         if not isinstance(self.prototypes, nnx.Param):
             w = jax.lax.stop_gradient(w)
         if self.normalize_features:
-            features = _normalize(features)
+            features = losses.l2_normalize(features, eps=1e-6)
         return jnp.einsum("...c,nc->...n", features, w.astype(features.dtype))
 
     def class_weights(self) -> jax.Array:

@@ -124,7 +124,8 @@ def category_centroids(
     return centroids[0], counts[0] > 0
 
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """``x / ||x||`` over the last axis; zero vectors stay zero (no NaN, finite gradients)."""
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
@@ -179,9 +180,9 @@ def occl_terms(
     present = counts > 0  # (2, N)
     valid = present[0] & present[1]  # (N,)
 
-    queries = _l2_normalize(centroids)  # (2, N, C) view centroids
-    keys = jax.lax.stop_gradient(_l2_normalize(centroids.mean(axis=0)))  # (N, C) category
-    protos = jax.lax.stop_gradient(_l2_normalize(prototypes.astype(jnp.float32)))
+    queries = l2_normalize(centroids)  # (2, N, C) view centroids
+    keys = jax.lax.stop_gradient(l2_normalize(centroids.mean(axis=0)))  # (N, C) category
+    protos = jax.lax.stop_gradient(l2_normalize(prototypes.astype(jnp.float32)))
 
     # Centroid loss: positive <v_i1, v_i2>, negatives <v_ix, sg(s_j)> over valid j != i.
     positive = jnp.sum(queries[0] * queries[1], axis=-1) / tau  # (N,)
