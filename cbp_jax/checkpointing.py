@@ -24,13 +24,26 @@ def _flat_names(tree) -> list[str]:
     return [path_name(p).replace("/", ".") for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
+def keys_as_data(tree):
+    """``tree`` with every typed PRNG key replaced by its uint32 key data."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, tree)
+
+
+def keys_from_data(raw, like):
+    """Inverse of :func:`keys_as_data`: re-wraps key data where ``like`` holds typed keys."""
+    return jax.tree.map(
+        lambda r, x: (
+            jax.random.wrap_key_data(r, impl=jax.random.key_impl(x)) if is_prng_key(x) else r
+        ),
+        raw,
+        like,
+    )
+
+
 def flatten_state(tree) -> dict[str, Any]:
     """``{dotted path: leaf}``; typed PRNG keys become their uint32 key data."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    return {
-        name: (jax.random.key_data(leaf) if is_prng_key(leaf) else leaf)
-        for name, leaf in zip(_flat_names(tree), leaves, strict=True)
-    }
+    leaves = jax.tree_util.tree_leaves(keys_as_data(tree))
+    return dict(zip(_flat_names(tree), leaves, strict=True))
 
 
 def _abstract_flat(target) -> dict[str, Any]:
@@ -55,13 +68,10 @@ def unflatten_state(flat: dict[str, Any], target):
             f"checkpoint lacks {len(missing)} entries of the train state, e.g. {missing[:5]}; "
             "it was written by a different model or optimizer configuration."
         )
-    leaves = []
-    for name, leaf in zip(names, jax.tree_util.tree_leaves(target), strict=True):
-        value = flat[name]
-        if is_prng_key(leaf):
-            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))
-        leaves.append(value)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
+    raw = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(target), [flat[n] for n in names]
+    )
+    return keys_from_data(raw, target)
 
 
 class Checkpointer:

@@ -21,17 +21,15 @@ from flax import nnx
 from cbp_jax import checkpointing, evaluation, models, sharding, train_lib
 from cbp_jax import data as data_lib
 
-MODEL_KEYS_NOT_FOR_CREATE = ("name",)
-
-
 # ----------------------------------------------------------------------------- building blocks
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> nnx.Module:
     """The segmentor ``config.model`` describes (parameters float32, compute ``dtype``)."""
-    overrides = {k: v for k, v in config.model.items() if k not in MODEL_KEYS_NOT_FOR_CREATE}
+    overrides = {
+        k: (tuple(v) if isinstance(v, list) else v) for k, v in config.model.items() if k != "name"
+    }
     overrides["dtype"] = jnp.dtype(overrides.get("dtype") or "float32")
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()}
     rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
     return models.create(
         config.model.name, num_classes=config.data.num_classes, rngs=rngs, **overrides
@@ -207,17 +205,12 @@ def _host_copy(tree):
     """NumPy copy of a (possibly multi-host sharded) pytree, typed PRNG keys included."""
     from jax.experimental import multihost_utils
 
-    is_key = checkpointing.is_prng_key
-    raw = jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
+    raw = checkpointing.keys_as_data(tree)
     if jax.process_count() > 1:
         raw = multihost_utils.process_allgather(raw, tiled=True)
     else:
         raw = jax.device_get(raw)
-    return jax.tree.map(
-        lambda r, x: jax.random.wrap_key_data(r, impl=jax.random.key_impl(x)) if is_key(x) else r,
-        raw,
-        tree,
-    )
+    return checkpointing.keys_from_data(raw, tree)
 
 
 def _evaluate_on_device(config, graphdef, host_state, device, out_dir, progress, extra):
