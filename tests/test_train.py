@@ -1,7 +1,6 @@
 """End-to-end training: smoke runs, sharding equivalence, resume after kill -9, preemption,
 non-finite losses, two processes with jax.distributed."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,19 +12,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from config_helpers import ROOT, load_config
 from data_helpers import CAMVID_ROOT, make_ade20k
 
 from cbp_jax import checkpointing, trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name: str, arg: str = "smoke"):
-    path = os.path.join(ROOT, "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def tiny_config(**overrides):

@@ -1,25 +1,13 @@
 """Optimizer recipes, schedules, the train step's variants, pretrained init, mesh set-up."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_helpers import load_config
 from flax import nnx
 
 from cbp_jax import sharding, train_lib, trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name: str, arg: str = "smoke"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
 
 ALL_CONFIGS = [
     "ade20k_mit_b0",
