@@ -6,6 +6,7 @@ run starts, each problem named with its field, its value and the fix.
 """
 
 import difflib
+import importlib.util
 import math
 from collections.abc import Callable
 from typing import Any
@@ -159,6 +160,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
-        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
-        message = unknown_override_message(argv, config) if config is not None else None
+        message = None
+        if "config" in flags.FLAGS:
+            config = _config_named_in(argv, flags.FLAGS["config"].default)
+            message = unknown_override_message(argv, config)
         raise SystemExit(f"error: {message or e}") from None
+
+
+def _config_named_in(argv: list[str], default: str) -> ml_collections.ConfigDict:
+    """The config ``--config FILE[:ARG]`` in ``argv`` names (``default`` without one)."""
+    spec = default
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_config_for_message", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant or None)
