@@ -11,13 +11,17 @@ Without ``--weights`` the workdir's latest checkpoint (or ``--step``) is evaluat
 report goes to ``<workdir>/eval_<step>/`` unless ``--out`` says otherwise.
 """
 
-import os
+from cbp_jax import cpu
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+cpu.use_cores_as_devices()  # before JAX starts: data parallelism over the cores of a CPU host
 
-from cbp_jax import config_checks, trainer
-from cbp_jax import workdir as workdir_lib
+import os  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from cbp_jax import config_checks, trainer  # noqa: E402
+from cbp_jax import workdir as workdir_lib  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(

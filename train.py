@@ -7,9 +7,10 @@
 Rerunning the same command resumes from the workdir's last checkpoint.
 """
 
-from cbp_jax import preemption
+from cbp_jax import cpu, preemption
 
 preemption.watch()  # before the heavy imports: a SIGTERM during start-up exits cleanly
+cpu.use_cores_as_devices()  # before JAX starts: data parallelism over the cores of a CPU host
 
 import os  # noqa: E402
 

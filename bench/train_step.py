@@ -41,7 +41,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/
 
-from cbp_jax import train_lib  # noqa: E402
+from cbp_jax import sharding, train_lib  # noqa: E402
 from cbp_jax.trainer import model_from_config  # noqa: E402
 from configs import common  # noqa: E402
 
@@ -71,17 +71,26 @@ class JaxVariant:
     """One jitted, donated cbp_jax train step and eval forward on a fixed batch."""
 
     def __init__(self, config, images: np.ndarray, labels: np.ndarray):
+        mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
         model = model_from_config(config)
         self.graphdef, params, _ = train_lib.split_model(model)
         tx = train_lib.make_optimizer(model, params, config.optimizer, config.total_steps)
-        self.state = train_lib.init_state(model, tx)
+        state = train_lib.init_state(model, tx)
         del model
+        state_shardings = sharding.state_shardings(state, (), mesh)  # replicated
+        self.state = jax.device_put(state, state_shardings)
+        batch_sharding = sharding.batch_sharding(mesh)
         loss_cfg = train_lib.LossConfig.from_config(config)
         self.step_fn = jax.jit(
-            train_lib.make_train_step(self.graphdef, tx, loss_cfg), donate_argnums=0
+            train_lib.make_train_step(self.graphdef, tx, loss_cfg),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
         )
         self.predict_fn = jax.jit(train_lib.make_predict_fn(self.graphdef))
-        self.batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+        self.batch = jax.device_put(
+            {"image": jnp.asarray(images), "label": jnp.asarray(labels)}, batch_sharding
+        )
 
     def step(self):
         self.state, metrics = self.step_fn(self.state, self.batch)
@@ -147,7 +156,7 @@ class TorchVariant:
         self.labels = torch.from_numpy(labels.astype(np.int64))
 
     def step(self):
-        torch, F = self.torch, self.torch.nn.functional
+        F = self.torch.nn.functional
         self.model.train()
         logits = self.model(pixel_values=self.images).logits
         up = F.interpolate(logits, size=self.labels.shape[1:], mode="bilinear", align_corners=False)
@@ -260,7 +269,9 @@ def memory_report(name, batch, size, num_classes):
             abstract = nnx.eval_shape(lambda config=config: model_from_config(config))
             graphdef, params, _ = train_lib.split_model(abstract)
             tx = train_lib.make_optimizer(abstract, params, config.optimizer, 1000)
-            state = jax.eval_shape(lambda c=config, tx=tx: train_lib.init_state(model_from_config(c), tx))
+            state = jax.eval_shape(
+                lambda c=config, tx=tx: train_lib.init_state(model_from_config(c), tx)
+            )
             step = jax.jit(
                 train_lib.make_train_step(graphdef, tx, train_lib.LossConfig.from_config(config)),
                 donate_argnums=0,

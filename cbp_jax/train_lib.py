@@ -239,6 +239,23 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def keep_if_finite(finite: jax.Array, new, old):
+    """``new`` where ``finite`` (a scalar bool) holds, else ``old``, leaf by leaf.
+
+    An element-wise select that XLA fuses into the producers of ``new`` (the optimizer
+    update), so the donated state buffers are updated in place; a ``lax.cond`` over the
+    whole state measured slower (docs/benchmarks.md). Typed PRNG keys are constants of the
+    step and pass through.
+    """
+
+    def select(n, o):
+        if jax.dtypes.issubdtype(n.dtype, jax.dtypes.prng_key):
+            return n
+        return jnp.where(finite, n, o)
+
+    return jax.tree.map(select, new, old)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: LossConfig
 ) -> Callable[[State, dict[str, jax.Array]], tuple[State, dict[str, jax.Array]]]:
@@ -287,7 +304,7 @@ def make_train_step(
         }
         grad_norm, param_norm = _global_norm(grads), _global_norm(params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-        new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
+        new_state = keep_if_finite(finite, new_state, state)
         new_state["nonfinite_steps"] = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
         metrics |= {"grad_norm": grad_norm, "param_norm": param_norm}
         metrics["nonfinite_steps"] = new_state["nonfinite_steps"]

@@ -68,6 +68,10 @@ def mesh_from_config(config: ml_collections.ConfigDict):
         if jax.process_count() > 1:
             raise ValueError("config.mesh.num_devices is for single-process runs; leave it 0.")
         devices = devices[: config.mesh.num_devices]
+    elif jax.process_count() == 1 and devices[0].platform == "cpu":
+        # One device per core (cbp_jax.cpu): as many as divide the batch.
+        count = max(n for n in range(1, len(devices) + 1) if config.batch_size % n == 0)
+        devices = devices[:count]
     return sharding.make_mesh(shape, devices)
 
 

@@ -129,9 +129,13 @@ def _shifted_depthwise_bwd(padding, residuals, g):
         (xp[:, i : i + h, j : j + w, :] * g).astype(acc_dtype) for i in range(k) for j in range(k)
     ]
     zeros = [jnp.zeros((), acc_dtype)] * len(products)
-    sums = jax.lax.reduce(products, zeros, lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
+    sums = jax.lax.reduce(products, zeros, _add_pairs, (0, 1, 2))
     dtaps = jnp.stack(sums).reshape(taps.shape).astype(taps.dtype)
     return gx, dtaps
+
+
+def _add_pairs(a, b):
+    return [u + v for u, v in zip(a, b, strict=True)]
 
 
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
