@@ -58,8 +58,7 @@ def jax_config(name: str, num_classes: int, *, cbp: bool, dtype: str = "float32"
     common.segformer_recipe(c, name)
     c.data.num_classes = num_classes
     c.model.dtype = dtype
-    if remat:
-        c.model.remat = True
+    c.model.remat = remat
     c.optimizer.warmup_steps = 10
     c.total_steps = 1000
     if not cbp:

@@ -102,6 +102,28 @@ def test_conv2d_formulations_equal_lax_conv(shape, k, stride, padding):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["mit_b0", "convnext_tiny"])
+def test_remat_gives_the_same_outputs_and_gradients(name):
+    overrides = dict(depths=(1, 1, 1, 1), drop_path_rate=0.0)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+
+    def loss_and_grads(remat):
+        encoder = models.create_encoder(name, remat=remat, rngs=nnx.Rngs(0), **overrides)
+        graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
+
+        @jax.jit
+        def f(params):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            return sum(jnp.sum(jnp.sin(m)) for m in model(x, train=True))
+
+        return jax.value_and_grad(f)(params)
+
+    (loss, grads), (loss_remat, grads_remat) = loss_and_grads(False), loss_and_grads(True)
+    np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_dwconv_impl_resolution():
     assert layers.resolve_dwconv_impl("auto") == "shifted"  # the test backend is CPU
     assert layers.resolve_dwconv_impl("xla") == "xla"

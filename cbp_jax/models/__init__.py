@@ -41,7 +41,7 @@ ENCODERS = tuple(MIT_VARIANTS) + tuple(CONVNEXT_VARIANTS)
 SEGMENTORS = tuple(f"segformer_b{i}" for i in range(6)) + tuple(
     f"upernet_{n}" for n in CONVNEXT_VARIANTS
 )
-_ENCODER_KWARGS = ("dtype", "dwconv_impl")
+_ENCODER_KWARGS = ("dtype", "dwconv_impl", "remat")
 
 
 def _unknown(kind: str, name: str, bad, valid) -> ValueError:
@@ -57,6 +57,7 @@ def create_encoder(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> MixTransfo
       name: ``mit_b0`` .. ``mit_b5`` or ``convnext_tiny|small|base|large``.
       rngs: parameter init and the 'dropout' stream (stochastic depth).
       **overrides: ``dtype`` (compute dtype), ``dwconv_impl`` ('auto' | 'xla' | 'shifted'),
+        ``remat`` (recompute block activations in the backward pass),
         or any field of :class:`MiTConfig` / :class:`ConvNeXtConfig` (e.g.
         ``drop_path_rate``, ``norm_eps``, ``depths``).
     """

@@ -66,13 +66,12 @@ class ConvNeXtStage(nnx.Module):
             self.down_norm = layers.layer_norm(din, cfg.norm_eps, dtype, rngs)
             self.down_conv = layers.Conv(din, dim, 2, stride=2, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([ConvNeXtBlock(dim, r, cfg, dwconv_impl, dtype, rngs) for r in dprs])
+        self.remat = False
 
     def __call__(self, x, *, train: bool):
         if self.downsample:
             x = self.down_conv(self.down_norm(x))
-        for block in self.blocks:
-            x = block(x, train=train)
-        return x
+        return layers.run_blocks(self.blocks, x, train=train, remat=self.remat)
 
 
 class ConvNeXt(nnx.Module):
@@ -83,6 +82,7 @@ class ConvNeXt(nnx.Module):
       dtype: compute dtype (parameters stay float32); None keeps float32.
       dwconv_impl: 'auto' (shifted slices on CPU, XLA grouped conv elsewhere), 'xla',
         'shifted'.
+      remat: recompute each block's activations in the backward pass (less memory).
       rngs: parameter init and the 'dropout' stream for stochastic depth.
     """
 
@@ -92,6 +92,7 @@ class ConvNeXt(nnx.Module):
         *,
         dtype: Dtype = None,
         dwconv_impl: str = "auto",
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         if len(config.dims) != len(config.depths):
@@ -122,6 +123,8 @@ class ConvNeXt(nnx.Module):
                 )
             )
             start += depth
+        for stage in stages:
+            stage.remat = remat
         self.stages = nnx.List(stages)
         self.out_norms = nnx.List(
             [layers.layer_norm(d, config.norm_eps, dtype, rngs) for d in config.dims]

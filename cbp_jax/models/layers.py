@@ -178,6 +178,18 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def run_blocks(blocks, x: jax.Array, *, train: bool, remat: bool) -> jax.Array:
+    """Applies ``blocks`` in order. With ``remat`` each block keeps only its input for the
+    backward pass and recomputes the rest (``nnx.remat``): less memory, about a third more
+    compute (docs/benchmarks.md)."""
+    for block in blocks:
+        if remat:
+            x = nnx.remat(lambda b, y: b(y, train=train))(block, x)
+        else:
+            x = block(x, train=train)
+    return x
+
+
 # ----------------------------------------------------------------------------- modules
 
 

@@ -152,11 +152,11 @@ class MiTStage(nnx.Module):
             ]
         )
         self.norm = layers.layer_norm(dim, cfg.norm_eps, dtype, rngs)
+        self.remat = False
 
     def __call__(self, x, *, train: bool):
         x = self.patch_embed(x)
-        for block in self.blocks:
-            x = block(x, train=train)
+        x = layers.run_blocks(self.blocks, x, train=train, remat=self.remat)
         return self.norm(x)
 
 
@@ -168,11 +168,18 @@ class MixTransformer(nnx.Module):
       dtype: compute dtype (parameters stay float32); None keeps float32.
       dwconv_impl: 'auto' (shifted slices on CPU, XLA grouped conv elsewhere), 'xla',
         'shifted'.
+      remat: recompute each block's activations in the backward pass (less memory).
       rngs: parameter init and the 'dropout' stream for stochastic depth.
     """
 
     def __init__(
-        self, config: MiTConfig, *, dtype: Dtype = None, dwconv_impl: str = "auto", rngs: nnx.Rngs
+        self,
+        config: MiTConfig,
+        *,
+        dtype: Dtype = None,
+        dwconv_impl: str = "auto",
+        remat: bool = False,
+        rngs: nnx.Rngs,
     ):
         n = len(config.depths)
         for field in ("embed_dims", "num_heads", "sr_ratios", "patch_sizes", "strides"):
@@ -190,6 +197,8 @@ class MixTransformer(nnx.Module):
             dpr = rates[start : start + depth]
             stages.append(MiTStage(s, din, dpr, config, dwconv_impl, dtype, rngs))
             start, din = start + depth, config.embed_dims[s]
+        for stage in stages:
+            stage.remat = remat
         self.stages = nnx.List(stages)
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> list[jax.Array]:
