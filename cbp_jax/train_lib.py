@@ -193,6 +193,18 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> State:
 # ----------------------------------------------------------------------------- steps
 
 
+def upsampled_cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = 255
+) -> jax.Array:
+    """Pixel CE of ``logits`` (B, h, w, N) bilinearly upsampled to ``labels`` (B, H, W).
+
+    mmseg's order (resize the logits, then the loss), computed channels-first so that the
+    resize and the softmax run along contiguous pixel rows instead of N-wide class vectors.
+    """
+    logits = resize_bilinear(jnp.moveaxis(logits, -1, 1), labels.shape[1:3], axes=(2, 3))
+    return losses.pixel_cross_entropy(logits, labels, ignore_index, axis=1)
+
+
 def segmentation_loss(
     out: dict[str, jax.Array],
     labels: jax.Array,
@@ -208,8 +220,7 @@ def segmentation_loss(
       prototypes: ``(N, C)`` the classifier's class weights (targets of OCCL's category term).
       key: PRNG key for ``views="random_pixels"``.
     """
-    size = labels.shape[1:3]
-    ce = losses.pixel_cross_entropy(resize_bilinear(out["logits"], size), labels, cfg.ignore_index)
+    ce = upsampled_cross_entropy(out["logits"], labels, cfg.ignore_index)
     metrics = {"ce": ce}
     total = ce
     if cfg.occl:
@@ -227,9 +238,7 @@ def segmentation_loss(
         total += cfg.centroid_weight * terms.centroid + cfg.category_weight * terms.category
         metrics |= {"occl_centroid": terms.centroid, "occl_category": terms.category}
     if "aux_logits" in out:
-        aux = losses.pixel_cross_entropy(
-            resize_bilinear(out["aux_logits"], size), labels, cfg.ignore_index
-        )
+        aux = upsampled_cross_entropy(out["aux_logits"], labels, cfg.ignore_index)
         total += cfg.aux_weight * aux
         metrics["aux_ce"] = aux
     return total, metrics

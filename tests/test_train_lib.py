@@ -205,6 +205,9 @@ def test_mesh_from_config_and_errors():
     config = _tiny()
     config.batch_size = 6
     config.mesh.update(data=-1, num_devices=0)
+    # One process on CPU (one device per core): as many devices as divide the batch.
+    assert trainer.mesh_from_config(config).devices.size == 6
+    config.mesh.num_devices = 8  # asked for explicitly: the batch must divide
     with pytest.raises(ValueError, match="batch_size=6 must divide evenly over 8 devices"):
         trainer.train_and_evaluate(config, "/nonexistent/never-created")
 
