@@ -16,7 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cbp_jax import trainer
+from cbp_jax import eval_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
@@ -36,7 +36,7 @@ def main(argv):
     workdir = flags.FLAGS.workdir or os.path.join(
         "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     )
-    metrics = trainer.evaluate_checkpoint(
+    metrics = eval_lib.evaluate_checkpoint(
         config, workdir, step=flags.FLAGS.step, weights=flags.FLAGS.weights, out_dir=flags.FLAGS.out
     )
     print(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}")

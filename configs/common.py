@@ -102,6 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.stride = (341, 341)
     c.eval.ratios = (1.0,)
     c.eval.flip = False
+    c.eval.batch_size = 0  # global images per evaluation step; 0: one per device
+    c.eval.dtype = "float32"  # compute dtype at test time (mmseg: float32); "": model.dtype
     c.eval.max_images = 0  # 0: the whole split
     c.eval.num_panels = 8
     c.eval.frequency_groups = 3  # Fig. 5: F1 by class-frequency groups (paper: 15 on ADE20K)

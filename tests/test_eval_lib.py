@@ -1,0 +1,148 @@
+"""The mesh evaluator: the same confusion matrix as the single-device path, on one process
+with 8 devices and on two JAX processes (gloo on CPU), odd image counts and mixed sizes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from config_helpers import load_config
+from data_helpers import make_ade20k
+
+from cbp_jax import data, eval_lib, train_lib, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(root: str, num_devices: int = 0, **eval_overrides):
+    config = load_config("ade20k_mit_b0", "smoke")
+    config.data.update(root=root, num_workers=0)
+    config.mesh.num_devices = num_devices
+    config.eval.update(max_images=0, num_panels=0, **eval_overrides)
+    return config
+
+
+def _mesh_metrics(config):
+    """The Evaluator on a fresh (seeded) state over the config's mesh."""
+    mesh = trainer.mesh_from_config(config)
+    with jax.set_mesh(mesh):
+        setup = trainer.Setup(config, mesh)
+        state = setup.init_state()
+        source = trainer.source_from_config(config, config.data.eval_split)
+        evaluator = eval_lib.Evaluator(config, mesh, setup.state_shardings, source)
+        return evaluator(state, progress=False), state
+
+
+def _single_device_metrics(config, state):
+    """Per-image evaluation on one device with a host copy of the state (mmseg's batch 1)."""
+    e = config.eval
+    host_state = jax.device_get({k: state[k] for k in ("params", "model_state")})
+    device = jax.devices()[0]
+    local_state = jax.device_put(host_state, device)
+    predict = jax.jit(train_lib.make_predict_fn(eval_lib.eval_graphdef(config)))
+    source = trainer.source_from_config(config, config.data.eval_split)
+    transform = data.test_transform(tuple(config.data.test_scale))
+    examples = [
+        {"image": transform(source[i])["image"], "label": source[i]["label"]}
+        for i in range(len(source))
+    ]
+    return eval_lib.evaluate(
+        lambda images: predict(local_state, jax.device_put(images, device)),
+        examples,
+        num_classes=config.data.num_classes,
+        mode=e.mode,
+        crop=tuple(e.crop) if e.mode == "slide" else None,
+        stride=tuple(e.stride) if e.mode == "slide" else None,
+        ratios=tuple(e.ratios),
+        flip=e.flip,
+        progress=False,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {"mode": "whole"},
+        {"mode": "slide", "crop": (48, 48), "stride": (32, 32)},
+        {"mode": "whole", "ratios": (0.75, 1.0), "flip": True},
+    ],
+    ids=["whole", "slide", "multiscale_flip"],
+)
+def test_mesh_evaluation_matches_the_single_device_path(tmp_path, mode):
+    make_ade20k(str(tmp_path), n_train=1, n_val=5)  # five sizes: five padded batches
+    config = _config(str(tmp_path / "ADEChallengeData2016"), **mode)
+    got, state = _mesh_metrics(config)
+    ref = _single_device_metrics(config, state)
+    assert got["num_images"] == ref["num_images"] == 5
+    assert ref["confusion_matrix"].sum() > 0
+    np.testing.assert_array_equal(got["confusion_matrix"], ref["confusion_matrix"])
+    for key in ("mIoU", "mAcc", "aAcc"):
+        assert got[key] == ref[key]
+
+
+def test_eval_batch_size_must_fill_the_mesh(tmp_path):
+    config = _config(str(tmp_path), batch_size=6)
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        eval_lib.eval_batch_size(config, trainer.mesh_from_config(config))
+
+
+_SCRIPT = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+import jax
+from test_eval_lib import _config, _mesh_metrics
+
+config = _config(sys.argv[3])
+config.distributed.update(coordinator_address=f"localhost:{sys.argv[1]}", num_processes=2,
+                          process_id=int(sys.argv[2]))
+from cbp_jax import sharding
+sharding.initialize_distributed(**config.distributed)
+metrics, _ = _mesh_metrics(config)
+print("RESULT" + json.dumps({"conf": metrics["confusion_matrix"].tolist(),
+                             "num_images": metrics["num_images"], "mIoU": metrics["mIoU"]}))
+jax.distributed.shutdown()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_whole_split(tmp_path):
+    make_ade20k(str(tmp_path), n_train=1, n_val=5)  # odd: the last chunk is 1 of 4 slots
+    root = str(tmp_path / "ADEChallengeData2016")
+    port = str(_free_port())
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SCRIPT, port, str(i), root],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=400)
+        assert p.returncode == 0, stderr[-3000:]
+        line = [x for x in stdout.splitlines() if x.startswith("RESULT")][0]
+        outs.append(json.loads(line[len("RESULT") :]))
+    assert outs[0] == outs[1]  # every process reads the same global matrix
+    ref, _ = _mesh_metrics(_config(root, num_devices=4))  # one process, same 4 devices
+    assert outs[0]["num_images"] == ref["num_images"] == 5
+    np.testing.assert_array_equal(outs[0]["conf"], ref["confusion_matrix"])
+    assert outs[0]["mIoU"] == ref["mIoU"]
