@@ -19,18 +19,32 @@ def _require_integer_labels(labels: jax.Array, name: str = "labels") -> None:
         raise ValueError(f"{name} must have an integer dtype; got {labels.dtype}.")
 
 
-def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255) -> jax.Array:
-    """Mean softmax cross-entropy over labelled pixels; 0 (not NaN) when none is labelled.
+CE_AVERAGES = ("labelled", "all")
+
+
+def pixel_cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = 255, *, average: str = "labelled"
+) -> jax.Array:
+    """Softmax cross-entropy summed over labelled pixels, divided per ``average``.
+
+    ``average="labelled"``: the mean over labelled pixels (0, not NaN, when none is).
+    ``average="all"``: the sum divided by ALL pixels, ignored ones included, as mmseg's
+    ``CrossEntropyLoss`` does by default (``avg_non_ignore=False``, the setting of the SegFormer
+    and UperNet recipes the paper trained with); the loss then shrinks with the share of
+    ignored pixels, which sets its balance against OCCL and the auxiliary head.
 
     Args:
       logits: ``(..., N)`` class scores.
       labels: ``(...)`` integer class ids; ``ignore_index`` marks unlabelled pixels.
+      average: ``"labelled"`` or ``"all"``.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"logits {logits.shape} and labels {labels.shape} must agree on all but the last "
             "axis; resize the logits to the label size first."
         )
+    if average not in CE_AVERAGES:
+        raise ValueError(f"average={average!r} is not one of {CE_AVERAGES}.")
     _require_integer_labels(labels)
     valid = labels != ignore_index
     safe_labels = jnp.where(valid, labels, 0)
@@ -38,7 +52,8 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int 
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
         logits, safe_labels[..., None], axis=-1
     ).squeeze(-1)
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    count = jnp.sum(valid) if average == "labelled" else valid.size
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1)
 
 
 def view_assignment(

@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.category_weight = 0.1  # phi
     c.loss.views = "batch_halves"  # "batch_halves" | "random_pixels"
     c.loss.aux_weight = 0.4  # UperNet's auxiliary FCN head
+    # CE divided by "all" pixels of the batch, ignored ones included (mmseg's default,
+    # avg_non_ignore=False, which the paper trained with) or by the "labelled" ones.
+    c.loss.ce_average = "all"
 
     # optimizer and schedule (mmseg SegFormer recipe)
     c.optimizer = ml_collections.ConfigDict()
