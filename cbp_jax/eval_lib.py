@@ -10,7 +10,8 @@ on a mesh of several processes the sums are global by construction.
 ``Evaluator`` evaluates the train states of one run with the state as it is sharded for
 training, on every device of the mesh, in ``config.eval.dtype`` (float32 by default, as mmseg
 tests, whatever the training compute dtype). Its jitted prediction function is built once and
-reused by every evaluation of the run. ``evaluate_checkpoint`` is ``eval.py``.
+reused by every evaluation of the run; each evaluation logs (and returns as
+``compilations``) how many XLA programs it compiled. ``evaluate_checkpoint`` is ``eval.py``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from cbp_jax import data as data_lib
 from cbp_jax import inference, metrics, report, sharding, train_lib
 from cbp_jax.data.transforms import MEAN, STD
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
+_compilations = 0
+
+
+def _count_compilation(event: str, duration: float, **kwargs) -> None:
+    del duration, kwargs
+    global _compilations
+    if event == _COMPILE_EVENT:
+        _compilations += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
 
 
 def _host(x) -> np.ndarray:
@@ -240,10 +255,11 @@ class Evaluator:
         ``out_dir`` (process 0) when given. Every process must call it.
 
         Returns:
-          The metrics of ``evaluate`` plus ``prototype_analysis`` and
-          ``f1_by_frequency_groups``.
+          The metrics of ``evaluate`` plus ``compilations`` (XLA programs compiled by this
+          call), ``prototype_analysis`` and ``f1_by_frequency_groups``.
         """
         c, e = self.config, self.config.eval
+        compiled_before = _compilations
         model_state = {"params": state["params"], "model_state": state["model_state"]}
 
         def logits_fn(images):
@@ -278,6 +294,8 @@ class Evaluator:
                 progress=progress and jax.process_index() == 0,
             )
             weights = _host(self._class_weights(state["params"], state["model_state"]))
+        result["compilations"] = _compilations - compiled_before
+        logging.info("evaluation compiled %d XLA programs", result["compilations"])
         analysis = report.prototype_analysis(weights)
         # Fig. 5 groups classes by pixel frequency; the evaluated split's own label counts
         # stand in for the training counts (they come free with the confusion matrix).

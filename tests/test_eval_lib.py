@@ -8,10 +8,13 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from config_helpers import load_config
 from data_helpers import make_ade20k
+from flax import nnx
 
 from cbp_jax import data, eval_lib, train_lib, trainer
 
@@ -35,15 +38,27 @@ def _scenes_config(num_devices: int = 0):
     return config
 
 
-def _mesh_metrics(config):
-    """The Evaluator on a fresh (seeded) state over the config's mesh."""
+def _fresh_state(config):
+    """A fresh (seeded) sharded train state: ``(mesh, setup, state)``."""
     mesh = trainer.mesh_from_config(config)
     with jax.set_mesh(mesh):
         setup = trainer.Setup(config, mesh)
-        state = setup.init_state()
-        source = trainer.source_from_config(config, config.data.eval_split)
-        evaluator = eval_lib.Evaluator(config, mesh, setup.state_shardings, source)
-        return evaluator(state, progress=False), state
+        return mesh, setup, setup.init_state()
+
+
+def _evaluate_on_mesh(config, mesh, setup, state):
+    source = trainer.source_from_config(config, config.data.eval_split)
+    evaluator = eval_lib.Evaluator(config, mesh, setup.state_shardings, source)
+    result = evaluator(state, progress=False)
+    if config.eval.mode == "slide":  # the run's later evaluations reuse every program
+        assert evaluator(state, progress=False)["compilations"] == 0
+    return result
+
+
+def _mesh_metrics(config):
+    """The Evaluator on a fresh (seeded) state over the config's mesh."""
+    mesh, setup, state = _fresh_state(config)
+    return _evaluate_on_mesh(config, mesh, setup, state), state
 
 
 def _single_device_metrics(config, state):
@@ -72,6 +87,16 @@ def _single_device_metrics(config, state):
     )
 
 
+@pytest.fixture(scope="module")
+def ade20k_run(tmp_path_factory):
+    """Three ADE20K-layout images of three sizes (odd: one chunk of 8 slots, three padded
+    batches) and a fresh state of the smoke SegFormer-B0 over the 8 devices."""
+    root = tmp_path_factory.mktemp("ade20k")
+    make_ade20k(str(root), n_train=1, n_val=3)
+    config = _config(str(root / "ADEChallengeData2016"))
+    return config, *_fresh_state(config)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "mode",
@@ -82,12 +107,13 @@ def _single_device_metrics(config, state):
     ],
     ids=["whole", "slide", "multiscale_flip"],
 )
-def test_mesh_evaluation_matches_the_single_device_path(tmp_path, mode):
-    make_ade20k(str(tmp_path), n_train=1, n_val=5)  # five sizes: five padded batches
-    config = _config(str(tmp_path / "ADEChallengeData2016"), **mode)
-    got, state = _mesh_metrics(config)
+def test_mesh_evaluation_matches_the_single_device_path(ade20k_run, mode):
+    config, mesh, setup, state = ade20k_run
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.eval.update(**mode)
+    got = _evaluate_on_mesh(config, mesh, setup, state)
     ref = _single_device_metrics(config, state)
-    assert got["num_images"] == ref["num_images"] == 5
+    assert got["num_images"] == ref["num_images"] == 3
     assert ref["confusion_matrix"].sum() > 0
     np.testing.assert_array_equal(got["confusion_matrix"], ref["confusion_matrix"])
     for key in ("mIoU", "mAcc", "aAcc"):
@@ -106,6 +132,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 import jax
+import jax.numpy as jnp
 from test_eval_lib import _mesh_metrics, _scenes_config
 
 config = _scenes_config()
@@ -155,3 +182,22 @@ def test_two_processes_score_the_whole_split():
     assert outs[0]["num_images"] == ref["num_images"] == 5
     np.testing.assert_array_equal(outs[0]["conf"], ref["confusion_matrix"])
     assert outs[0]["mIoU"] == ref["mIoU"]
+
+
+def test_evaluation_computes_in_float32_whatever_the_training_dtype():
+    config = load_config("scenes_mit_b0", "smoke")
+    config.model.dtype = "bfloat16"
+    _, params, model_state = train_lib.split_model(
+        nnx.eval_shape(lambda: trainer.model_from_config(config))
+    )
+    image = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+
+    def compute_dtype(graphdef):
+        def forward(params, model_state, x):  # the training state fits the graph as it is
+            return nnx.merge(graphdef, params, model_state).encoder(x)[-1]
+
+        return jax.eval_shape(forward, params, model_state, image).dtype
+
+    assert compute_dtype(eval_lib.eval_graphdef(config)) == jnp.float32
+    config.eval.dtype = ""  # the training compute dtype
+    assert compute_dtype(eval_lib.eval_graphdef(config)) == jnp.bfloat16
