@@ -16,7 +16,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cbp_jax import eval_lib
+from cbp_jax import config_checks, eval_lib, trainer
+from cbp_jax import workdir as workdir_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
@@ -36,6 +37,12 @@ def main(argv):
     workdir = flags.FLAGS.workdir or os.path.join(
         "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     )
+    try:
+        config_checks.validate(config)
+        if not flags.FLAGS.weights:  # before compiling anything or creating a folder
+            workdir_lib.check_evaluable(workdir, config, flags.FLAGS.step)
+    except (*trainer.STOP_ERRORS, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     metrics = eval_lib.evaluate_checkpoint(
         config, workdir, step=flags.FLAGS.step, weights=flags.FLAGS.weights, out_dir=flags.FLAGS.out
     )
@@ -43,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_checks.parse_flags)

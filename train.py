@@ -7,12 +7,16 @@
 Rerunning the same command resumes from the workdir's last checkpoint.
 """
 
-import os
+from cbp_jax import preemption
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+preemption.watch()  # before the heavy imports: a SIGTERM during start-up exits cleanly
 
-from cbp_jax import trainer
+import os  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from cbp_jax import config_checks, trainer  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
@@ -29,8 +33,12 @@ def main(argv):
     workdir = flags.FLAGS.workdir or os.path.join(
         "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     )
-    trainer.train_and_evaluate(config, workdir)
+    try:
+        config_checks.validate(config)
+        trainer.train_and_evaluate(config, workdir)
+    except trainer.STOP_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_checks.parse_flags)

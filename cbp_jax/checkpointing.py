@@ -6,11 +6,14 @@ restoring onto an abstract, sharded target places every array directly on its de
 """
 
 import json
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from cbp_jax.sharding import path_name
 
@@ -74,8 +77,46 @@ def unflatten_state(flat: dict[str, Any], target):
     return keys_from_data(raw, target)
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the earlier checkpoints are intact."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """Every checkpoint of a workdir failed to restore."""
+
+
+class _DropFailedWriteNoise(logging.Filter):
+    """Drops Orbax's and asyncio's error records about a write under ``directory``: one
+    traceback per array, hundreds per failed save, all saying what the single
+    :class:`CheckpointSaveError` says."""
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self.directory = directory
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_writer = record.name == "asyncio" or "orbax" in record.pathname
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not (from_writer and self.directory in text)
+
+
+_NOISY_LOGGERS = ("asyncio", "absl")
+
+
+def _folder_mib(path: str) -> float:
+    total = 0
+    for folder, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+    return total / 2**20
+
+
 class Checkpointer:
     """Periodic, asynchronous, keep-N checkpoints of (train state, data state, config).
+
+    A save that fails (a full disk, a lost mount) raises :class:`CheckpointSaveError` at
+    the :meth:`check_saves` after the write ends (asynchronous saves) or at once; the
+    checkpoints written before stay as they are. :meth:`restore_latest` falls back past
+    checkpoints that do not restore.
 
     Args:
       directory: absolute or relative folder (``<workdir>/checkpoints``).
@@ -93,6 +134,10 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # the step being written in the background
+        self._noise_filter = _DropFailedWriteNoise(self.directory)
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).addFilter(self._noise_filter)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -107,7 +152,61 @@ class Checkpointer:
         }
         if config is not None:
             items["config"] = ocp.args.JsonSave(json.loads(json.dumps(config, default=str)))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.check_saves()
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:
+            raise self._save_error(step, e) from e
+        if saved:
+            self._pending = step
+            self.check_saves()  # a synchronous save has finished here
+        return saved
+
+    def check_saves(self) -> None:
+        """Raises :class:`CheckpointSaveError` if the last save ended without a checkpoint.
+
+        Cheap (no file-system access while a write is running): call it every step.
+        """
+        if self._pending is None or self.manager.is_saving_in_progress():
+            return
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()  # returns at once; re-raises a failed write
+            error = None
+        except Exception as e:  # noqa: BLE001 -- reported in the CheckpointSaveError
+            error = e
+        if error is not None or not os.path.isdir(os.path.join(self.directory, str(step))):
+            raise self._save_error(step, error)
+
+    def _save_error(self, step: int, cause: Exception | None) -> CheckpointSaveError:
+        """The one message for a failed save; removes its partial ``*.orbax-checkpoint-tmp``."""
+        partial = [
+            os.path.join(self.directory, d)
+            for d in os.listdir(self.directory)
+            if d.startswith(f"{step}.orbax-checkpoint-tmp")
+        ]
+        if jax.process_index() == 0:
+            for path in partial:
+                shutil.rmtree(path, ignore_errors=True)
+        earlier = sorted(
+            int(d) for d in os.listdir(self.directory) if d.isdigit() and d != str(step)
+        )
+        usage = shutil.disk_usage(self.directory)
+        reason = str(cause).strip().splitlines()[0][:400] if cause else "the write did not finish"
+        if earlier:
+            size = _folder_mib(os.path.join(self.directory, str(earlier[-1])))
+            kept = (
+                f"One checkpoint takes {size:.0f} MiB. The earlier checkpoints (steps "
+                f"{earlier}) are intact; the partial write was removed."
+            )
+        else:
+            kept = "No earlier checkpoint exists; the partial write was removed."
+        return CheckpointSaveError(
+            f"Saving the checkpoint of step {step} in {self.directory} failed: {reason}. "
+            f"That disk has {usage.free / 2**20:.0f} MiB free of {usage.total / 2**20:.0f} MiB. "
+            f"{kept} Free space there (or lower --config.checkpoint.keep, or pass a --workdir "
+            "on a larger disk), then rerun the same command to resume."
+        )
 
     def restore(self, step: int, target) -> tuple[Any, dict]:
         """``(state, data_state)`` of ``step``, laid out as ``target`` (structure, shardings)."""
@@ -120,9 +219,69 @@ class Checkpointer:
         )
         return unflatten_state(dict(restored["state"]), target), restored["data"]
 
+    def restore_latest(self, target) -> tuple[int, Any, dict] | None:
+        """``(step, state, data_state)`` of the newest checkpoint that restores; None if
+        there is none.
+
+        A step that does not restore (a truncated file, a lost manifest) is moved aside to
+        ``<step>.broken`` (never deleted), with a warning naming it, and the next older step
+        is tried.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        broken = []
+        for step in steps:
+            try:
+                state, data_state = self.restore(step, target)
+            except Exception as e:  # noqa: BLE001 -- named in the warning, then the next step
+                moved = self._set_aside(step)
+                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else repr(e)
+                absl_logging.warning(
+                    "The checkpoint %s does not restore (%s: %s); moved it to %s and trying "
+                    "the previous step.",
+                    os.path.join(self.directory, str(step)),
+                    type(e).__name__,
+                    reason,
+                    moved,
+                )
+                broken.append(moved)
+                continue
+            if broken:
+                print(f"Warning: skipped broken checkpoint(s) {broken}; resuming from step {step}.")
+            return step, state, data_state
+        if broken:
+            raise NoUsableCheckpointError(
+                f"No checkpoint in {self.directory} restores; all were moved aside: {broken}. "
+                "Rerun the same command to start from scratch, or restore a copy of the "
+                "checkpoints from a backup."
+            )
+        return None
+
+    def _set_aside(self, step: int) -> str:
+        """Renames the folder of ``step`` to ``<step>.broken`` (``.broken2`` ...): out of
+        Orbax's sight, still on disk."""
+        source = os.path.join(self.directory, str(step))
+        target, n = source + ".broken", 1
+        while os.path.exists(target):
+            n += 1
+            target = f"{source}.broken{n}"
+        if jax.process_index() == 0:
+            os.rename(source, target)
+        self.manager.reload()
+        return target
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the background write; raises :class:`CheckpointSaveError` if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 -- a pending save's failure: check_saves reports it
+            if self._pending is None:
+                absl_logging.info("a failed save, already reported, was awaited")
+        self.check_saves()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).removeFilter(self._noise_filter)

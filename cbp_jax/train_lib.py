@@ -143,9 +143,11 @@ def make_optimizer(
         ]
     else:
         raise ValueError(f"optimizer.name={cfg.name!r}; use 'adamw' or 'sgd'.")
-    clip = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.get("clip_norm") else []
+    # The clipping slot is always there (stateless either way), so turning clip_norm on when
+    # resuming after a non-finite stop keeps the optimizer state's layout.
+    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.get("clip_norm") else optax.identity()
     return optax.chain(
-        *clip, *core, scale_by_multipliers(lr_mults), optax.scale_by_learning_rate(schedule)
+        clip, *core, scale_by_multipliers(lr_mults), optax.scale_by_learning_rate(schedule)
     )
 
 

@@ -7,18 +7,20 @@ preemption and periodic evaluation, (6) the final report.
 
 import json
 import os
-import signal
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import nnx
 
-from cbp_jax import checkpointing, eval_lib, models, sharding, train_lib
+from cbp_jax import checkpointing, config_checks, eval_lib, models, sharding, train_lib
 from cbp_jax import data as data_lib
+from cbp_jax import preemption as preemption_lib
+from cbp_jax import workdir as workdir_lib
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -110,8 +112,10 @@ class Setup:
         """A fresh train state, created directly with its shardings."""
         return self._init()
 
-    def load_pretrained(self, state, path: str):
+    def load_pretrained(self, state, path: str, trust_pickle: bool = False):
         """``state`` with encoder (or segmentor) weights from ``path`` in its parameters.
+
+        ``trust_pickle`` lets a PyTorch pickle holding non-tensor objects load (runs its code).
 
         The optimizer state is left as it is: fresh AdamW / SGD moments are zeros whatever
         the parameter values.
@@ -119,7 +123,7 @@ class Setup:
         from cbp_jax import weights
 
         model = nnx.merge(self.graphdef, state["params"], state["model_state"])
-        weights.load_pretrained(model, path)
+        weights.load_pretrained(model, path, trust_pickle=trust_pickle)
         _, params, model_state = train_lib.split_model(model)
         loaded = {"params": params, "model_state": model_state}
         return state | jax.device_put(loaded, {k: self.state_shardings[k] for k in loaded})
@@ -129,49 +133,89 @@ class Setup:
 
 
 class MetricWriter:
-    """Scalars to ``<workdir>/metrics.jsonl`` and TensorBoard (process 0 only)."""
+    """Scalars to ``<workdir>/metrics.jsonl`` and TensorBoard (process 0 only).
 
-    def __init__(self, workdir: str):
+    ``metrics.jsonl`` stays valid JSON with one row per step: non-finite values are written
+    as ``null``, scalars written for the step of the previous row join that row, and a run
+    resuming at ``resume_step`` first drops the rows after it (steps it will redo).
+    """
+
+    def __init__(self, workdir: str, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            keep_metric_rows_until(path, resume_step)
+        self.jsonl = open(path, "a")  # noqa: SIM115
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._last: tuple[int, dict, int] | None = None  # (step, row, its offset)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        row = {"step": step, **{k: _json_number(v) for k, v in scalars.items()}}
+        if self._last is not None and self._last[0] == step:  # join the step's row
+            row = self._last[1] | row
+            self.jsonl.truncate(self._last[2])
+        offset = self.jsonl.tell()
+        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self.jsonl.flush()
+        self._last = (step, row, offset)
         for name, value in scalars.items():
             self.tb.add_scalar(name, value, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self.jsonl.closed:
             self.jsonl.close()
             self.tb.close()
 
 
-class Preemption:
-    """Turns SIGTERM (pod preemption, ``kill``) into a flag the loop checks once per step."""
+def _json_number(value: float) -> float | None:
+    """``value``, or None (JSON ``null``) for NaN and infinities, which JSON cannot hold."""
+    return float(value) if np.isfinite(value) else None
 
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum, frame):
-        del frame
-        logging.warning("Signal %d received: saving a checkpoint and exiting.", signum)
-        self.requested = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+def keep_metric_rows_until(path: str, last_step: int) -> None:
+    """Rewrites the ``metrics.jsonl`` at ``path`` without rows after ``last_step`` (and
+    without a line cut short by a kill), atomically."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # the partial last line of a killed run
+            if row.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good state was saved."""
+    """The loss or an update became NaN or infinite; the last periodic checkpoint is kept."""
+
+
+class BadTrainingDataError(RuntimeError):
+    """A bad data file was met mid-run; the state before its batch was saved."""
+
+
+# Errors whose message is complete (what happened, what was kept, the fix): the entry
+# points print them without a traceback.
+STOP_ERRORS = (
+    config_checks.ConfigError,
+    workdir_lib.WorkdirBusyError,
+    workdir_lib.ConfigMismatchError,
+    NonFiniteLossError,
+    BadTrainingDataError,
+    checkpointing.CheckpointSaveError,
+    checkpointing.NoUsableCheckpointError,
+)
 
 
 # ----------------------------------------------------------------------------- training
@@ -181,109 +225,124 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains ``config`` in ``workdir`` (resuming from its checkpoints), then evaluates.
 
     Returns a summary: ``{"step", "losses" (per logged step), "eval" (final metrics)}``.
+
+    Raises:
+      workdir_lib.WorkdirBusyError: another run holds the workdir.
+      workdir_lib.ConfigMismatchError: the workdir holds a run of another config.
+      NonFiniteLossError, BadTrainingDataError, checkpointing.CheckpointSaveError: the run
+        stopped; the message says what was kept and how to go on.
     """
-    # 1. Devices and processes.
+    preemption = preemption_lib.watch()
+    # 1. Devices and processes; the workdir's owner and config.
     sharding.initialize_distributed(**config.distributed)
     mesh = mesh_from_config(config)
     _check_config(config, mesh)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    lock = None
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
-    logging.info("mesh %s over %d process(es)", dict(mesh.shape), jax.process_count())
+        workdir_lib.check_resume_config(workdir, config)  # before anything is written
+        os.makedirs(workdir, exist_ok=True)
+        lock = workdir_lib.WorkdirLock(workdir).acquire()
+    try:
+        if jax.process_index() == 0:
+            workdir_lib.write_config(workdir, config)
+        logging.info("mesh %s over %d process(es)", dict(mesh.shape), jax.process_count())
+        with jax.set_mesh(mesh):
+            return _train_in_workdir(config, workdir, mesh, preemption)
+    finally:
+        preemption_lib.stop_watching()
+        if lock is not None:
+            lock.release()
 
-    with jax.set_mesh(mesh):
-        # 2. Data.
-        d = config.data
-        source = source_from_config(config, d.train_split)
-        transform = data_lib.train_transform(
-            tuple(d.crop_size), tuple(d.base_scale), tuple(d.ratio_range), d.cat_max_ratio
-        )
-        loader = data_lib.make_train_loader(
-            source,
-            transform,
-            global_batch_size=config.batch_size,
-            mesh=mesh,
-            data_axis=sharding.BATCH_AXES,
-            seed=config.seed,
-            num_workers=d.num_workers,
-        )
 
-        # 3. Model, optimizer, sharded state, and the evaluator (compiled once per run).
-        setup = Setup(config, mesh)
-        state = setup.init_state()
-        evaluator = eval_lib.Evaluator(
-            config, mesh, setup.state_shardings, source_from_config(config, d.eval_split)
-        )
+def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
+    # 2. Data.
+    d = config.data
+    source = source_from_config(config, d.train_split)
+    transform = data_lib.train_transform(
+        tuple(d.crop_size), tuple(d.base_scale), tuple(d.ratio_range), d.cat_max_ratio
+    )
+    loader = data_lib.make_train_loader(
+        source,
+        transform,
+        global_batch_size=config.batch_size,
+        mesh=mesh,
+        data_axis=sharding.BATCH_AXES,
+        seed=config.seed,
+        num_workers=d.num_workers,
+    )
 
-        # 4. Resume, or start from pretrained weights.
-        checkpointer = checkpointing.Checkpointer(
-            os.path.join(workdir, "checkpoints"),
-            every=config.checkpoint.every,
-            keep=config.checkpoint.keep,
-            async_save=config.checkpoint.async_save,
-        )
-        start = checkpointer.latest_step()
-        if start is not None:
-            state, data_state = checkpointer.restore(start, state)
-            loader.set_state(data_state)
-            print(f"Resuming from the checkpoint of step {start} in {checkpointer.directory}")
-        else:
-            start = 0
-            if config.init_from:
-                state = setup.load_pretrained(state, config.init_from)
+    # 3. Model, optimizer, sharded state, and the evaluator (compiled once per run).
+    setup = Setup(config, mesh)
+    state = setup.init_state()
+    evaluator = eval_lib.Evaluator(
+        config, mesh, setup.state_shardings, source_from_config(config, d.eval_split)
+    )
 
-        # 5. The loop.
-        loss_cfg = train_lib.LossConfig.from_config(config)
-        train_step = jax.jit(
-            train_lib.make_train_step(setup.graphdef, setup.tx, loss_cfg),
-            in_shardings=(setup.state_shardings, setup.batch_sharding),
-            out_shardings=(setup.state_shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
-        writer = MetricWriter(workdir)
-        preemption = Preemption()
-        losses: dict[int, float] = {}
-        summary: dict[str, Any] = {}
-        progress = _progress(start, config.total_steps)
-        try:
-            step = start
-            for step in range(start + 1, config.total_steps + 1):
-                state, metrics = train_step(state, next(loader))
-                last = step == config.total_steps
-                if step % config.log_every == 0 or last or preemption.requested:
-                    scalars = _log(step, metrics, config, progress, writer)
-                    if scalars["nonfinite_steps"]:
-                        good_step = int(state["step"])  # non-finite steps left the state alone
-                        if good_step not in checkpointer.manager.all_steps():
-                            checkpointer.save(good_step, state, loader.get_state(), force=True)
-                        checkpointer.wait()
-                        raise NonFiniteLossError(
-                            f"Non-finite loss or update by step {step} (logged: {scalars}). "
-                            f"The last good state was saved in {checkpointer.directory}; lower "
-                            "config.optimizer.lr or enable config.optimizer.clip_norm, then "
-                            "restart."
-                        )
-                    losses[step] = scalars["loss"]
-                progress.update(1)
-                if step % config.checkpoint.every == 0 or last or preemption.requested:
-                    checkpointer.save(step, state, loader.get_state(), force=True)
-                if preemption.requested:
-                    checkpointer.wait()
-                    print(f"Preempted: saved step {step}; rerun the same command to resume.")
-                    summary["preempted"] = True
-                    break
-                if config.eval.every and step % config.eval.every == 0 and not last:
-                    out = os.path.join(workdir, f"eval_{step}")
-                    ev = evaluator(state, out_dir=out)
-                    writer.write(step, {f"eval/{k}": ev[k] for k in ("mIoU", "mAcc", "aAcc")})
-        finally:
-            progress.close()
-            checkpointer.wait()
-            preemption.restore()
-            loader.close()
+    # 4. Resume (from the newest checkpoint that restores), or start from pretrained weights.
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        every=config.checkpoint.every,
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        start, state, data_state = restored
+        loader.set_state(data_state)
+        print(f"Resuming from the checkpoint of step {start} in {checkpointer.directory}")
+    else:
+        start = 0
+        if config.init_from:
+            state = setup.load_pretrained(state, config.init_from, config.get("trust_pickle"))
+    # The non-finite counter belongs to this process: a restart (e.g. with a lower learning
+    # rate after a non-finite stop) starts counting from zero.
+    state["nonfinite_steps"] = jax.device_put(
+        np.zeros((), np.int32), setup.state_shardings["nonfinite_steps"]
+    )
 
+    # 5. The loop.
+    loss_cfg = train_lib.LossConfig.from_config(config)
+    train_step = jax.jit(
+        train_lib.make_train_step(setup.graphdef, setup.tx, loss_cfg),
+        in_shardings=(setup.state_shardings, setup.batch_sharding),
+        out_shardings=(setup.state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    writer = MetricWriter(workdir, resume_step=start)
+    losses: dict[int, float] = {}
+    summary: dict[str, Any] = {}
+    progress = _progress(start, config.total_steps)
+    step = start
+    try:
+        if preemption.requested:
+            print(f"Preempted during start-up: nothing new to save (step {start}).")
+            return {"step": start, "losses": losses, "preempted": True}
+        for step in range(start + 1, config.total_steps + 1):
+            batch = _next_batch(loader, step, state, checkpointer, config)
+            state, metrics = train_step(state, batch)
+            checkpointer.check_saves()
+            last = step == config.total_steps
+            if step % config.log_every == 0 or last or preemption.requested:
+                scalars = _log(step, metrics, config, progress, writer)
+                if scalars["nonfinite_steps"]:
+                    raise _nonfinite_stop(step, scalars, checkpointer)
+                losses[step] = scalars["loss"]
+            progress.update(1)
+            if step % config.checkpoint.every == 0 or last or preemption.requested:
+                if int(jax.device_get(state["nonfinite_steps"])):  # skipped since the last log
+                    raise _nonfinite_stop(step, None, checkpointer)
+                checkpointer.save(step, state, loader.get_state(), force=True)
+            if preemption.requested:
+                checkpointer.wait()
+                print(f"Preempted: saved step {step}; rerun the same command to resume.")
+                summary["preempted"] = True
+                break
+            if config.eval.every and step % config.eval.every == 0 and not last:
+                out = os.path.join(workdir, f"eval_{step}")
+                ev = evaluator(state, out_dir=out)
+                writer.write(step, {f"eval/{k}": ev[k] for k in ("mIoU", "mAcc", "aAcc")})
+        checkpointer.wait()
         summary |= {"step": step, "losses": losses}
         if step == config.total_steps and not summary.get("preempted"):
             out = os.path.join(workdir, "eval")
@@ -294,9 +353,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f"step {step}: mIoU {ev['mIoU']:.2f}  mAcc {ev['mAcc']:.2f}  "
                 f"aAcc {ev['aAcc']:.2f}  (report: {out}/report.json)"
             )
+        return summary
+    finally:
+        progress.close()
+        loader.close()
         writer.close()
         checkpointer.close()
-    return summary
+
+
+def _next_batch(loader, step: int, state, checkpointer, config) -> dict:
+    """The loader's next batch; a bad data file saves the state first, then stops."""
+    try:
+        return next(loader)
+    except Exception as e:
+        bad = _bad_example_in(e)
+        if bad is None:
+            raise
+        saved_step = step - 1
+        if saved_step > 0 and int(jax.device_get(state["nonfinite_steps"])) == 0:
+            if saved_step not in checkpointer.manager.all_steps():
+                checkpointer.save(saved_step, state, loader.get_state(), force=True)
+            checkpointer.wait()
+            kept = f"Step {saved_step} is saved in {checkpointer.directory}, so nothing is lost"
+        else:
+            kept = "No step was trained yet, so nothing is lost"
+        d = config.data
+        raise BadTrainingDataError(
+            f"Bad training example in batch {step}: {bad}. {kept}. Fix or remove the file and "
+            "rerun the same command, or rerun it with --config.data.skip_bad_examples=True to "
+            "skip bad examples; `python -m cbp_jax.data check --dataset "
+            f"{d.dataset} --root {d.root or '<root>'}` lists every bad file."
+        ) from e
+
+
+def _bad_example_in(error: BaseException) -> "data_lib.BadExampleError | None":
+    """The ``BadExampleError`` in ``error``'s chain of causes (loader threads wrap it)."""
+    while error is not None:
+        if isinstance(error, data_lib.BadExampleError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _nonfinite_stop(step: int, scalars: dict | None, checkpointer) -> "NonFiniteLossError":
+    """The error for a non-finite loss or update: nothing of this run after its last
+    periodic checkpoint is saved (a diverging state is finite for a while); that checkpoint
+    is named as the restart point."""
+    checkpointer.wait()
+    steps = checkpointer.manager.all_steps()
+    logged = ""
+    if scalars is not None:
+        logged = " (" + ", ".join(f"{k}={scalars[k]:.4g}" for k in _NAN_KEYS if k in scalars) + ")"
+    if steps:
+        kept = (
+            f"The newest checkpoint, step {max(steps)} in "
+            f"{os.path.join(checkpointer.directory, str(max(steps)))}, is kept and nothing "
+            f"later was saved; rerunning resumes from it. If it has diverged too (see "
+            "param_norm in metrics.jsonl), move that folder aside to resume from the one before."
+        )
+    else:
+        kept = "No checkpoint was saved before it; rerunning starts from scratch."
+    return NonFiniteLossError(
+        f"Non-finite loss or update by step {step}{logged}. {kept} Lower config.optimizer.lr "
+        "(e.g. --config.optimizer.lr=VALUE/10) or set --config.optimizer.clip_norm=1.0, then "
+        "rerun the same command."
+    )
+
+
+_NAN_KEYS = ("loss", "grad_norm", "param_norm", "nonfinite_steps")
 
 
 def _progress(start: int, total: int):

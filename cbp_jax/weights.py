@@ -434,12 +434,17 @@ def _torch_load(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:
-        if trust_pickle or "weights_only" not in str(e):
-            raise
+        if not trust_pickle and "Unsupported global" in str(e):  # a real pickle, with objects
+            raise ValueError(
+                f"{path!r} pickles objects other than tensors (e.g. mmengine training "
+                "metadata), which torch.load(weights_only=True) refuses. If you trust the "
+                "file, pass trust_pickle=True (in a run: --config.trust_pickle=True; it runs "
+                "the file's pickle code), or re-save only its state_dict."
+            ) from e
         raise ValueError(
-            f"{path!r} pickles objects other than tensors (e.g. mmengine training metadata), "
-            "which torch.load(weights_only=True) refuses. If you trust the file, pass "
-            "trust_pickle=True (runs its pickle code); or re-save only its state_dict."
+            f"{path!r} is not a valid PyTorch checkpoint (torch.load: "
+            f"{_first_line(e)}). Is it truncated or another kind of file? Download it again "
+            "or pass another file."
         ) from e
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -453,7 +458,27 @@ def _torch_load(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     return out
 
 
+def _first_line(error: Exception) -> str:
+    """The first line of ``error``'s message that is not torch's generic weights_only advice."""
+    generic = ("weights_only", "Weights only load failed", "Check the documentation")
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    detail = [x for x in lines if not any(g in x for g in generic)]
+    return (detail or [type(error).__name__])[0][:200]
+
+
 def _safetensors_load(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+
+    try:
+        return _safetensors_read(path)
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path!r} is not a valid safetensors file ({e}); it may be truncated. Download "
+            "it again or pass another file."
+        ) from e
+
+
+def _safetensors_read(path: str) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     out = {}

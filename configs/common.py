@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 160_000
     c.batch_size = 16  # global, over all devices and hosts (mmseg: 8 GPUs x 2)
     c.init_from = ""  # pretrained encoder: local file or hub id (e.g. "nvidia/mit-b5")
+    c.trust_pickle = False  # let an init_from .pth with non-tensor objects run its pickle code
 
     # model: `name` + overrides of cbp_jax.models.create
     c.model = ml_collections.ConfigDict()

@@ -69,6 +69,39 @@ def test_depthwise_shifted_equals_xla_values_and_grads(k):
     np.testing.assert_allclose(y_sh, ref + np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "shape, k, stride, padding",
+    [
+        ((2, 8, 6, 16), 1, 1, 0),  # 1x1: matmul over channels
+        ((2, 16, 12, 5), 4, 4, 0),  # patchify (ConvNeXt stem)
+        ((2, 15, 13, 6), 4, 4, 0),  # patchify, a remainder dropped as PyTorch does
+        ((2, 9, 11, 4), 3, 2, 1),  # overlapping: lax.conv
+        ((2, 16, 16, 3), 7, 4, 3),
+    ],
+)
+def test_conv2d_formulations_equal_lax_conv(shape, k, stride, padding):
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, shape[-1], 7)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(7,)), jnp.float32)
+
+    def reference(x, w, b):
+        pad = ((padding, padding), (padding, padding))
+        dn = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=dn) + b
+
+    def ours(x, w, b):
+        return layers.conv2d(x, w, b, stride=stride, padding=padding)
+
+    y, y_ref = ours(x, w, b), reference(x, w, b)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a))), (0, 1, 2))(x, w, b)
+    grads_ref = jax.grad(lambda *a: jnp.sum(jnp.sin(reference(*a))), (0, 1, 2))(x, w, b)
+    for a, c in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
+
+
 def test_dwconv_impl_resolution():
     assert layers.resolve_dwconv_impl("auto") == "shifted"  # the test backend is CPU
     assert layers.resolve_dwconv_impl("xla") == "xla"

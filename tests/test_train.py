@@ -1,5 +1,5 @@
 """End-to-end training: smoke runs, sharding equivalence, resume after kill -9, preemption,
-non-finite losses, two processes with jax.distributed."""
+two processes with jax.distributed."""
 
 import json
 import os
@@ -213,22 +213,6 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "Preempted: saved step" in output
     steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
     assert len(steps) == 1 and 0 < steps[0] < 400
-
-
-def test_nonfinite_loss_stops_after_saving_last_good_state(tmp_path):
-    config = tiny_config(total_steps=6)
-    config.optimizer.update(lr=1e30, warmup_steps=0)
-    with pytest.raises(trainer.NonFiniteLossError, match="last good state was saved"):
-        trainer.train_and_evaluate(config, str(tmp_path))
-    checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), every=1)
-    step = checkpointer.latest_step()
-    assert step is not None
-    mesh = trainer.mesh_from_config(config)
-    with jax.set_mesh(mesh):
-        setup = trainer.Setup(config, mesh)
-        state, _ = checkpointer.restore(step, setup.init_state())
-    leaves = jax.tree_util.tree_leaves(state["params"])
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
 
 @pytest.mark.slow

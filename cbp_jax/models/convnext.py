@@ -64,7 +64,7 @@ class ConvNeXtStage(nnx.Module):
         self.downsample = downsample
         if downsample:
             self.down_norm = layers.layer_norm(din, cfg.norm_eps, dtype, rngs)
-            self.down_conv = layers.conv(din, dim, 2, stride=2, dtype=dtype, rngs=rngs)
+            self.down_conv = layers.Conv(din, dim, 2, stride=2, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([ConvNeXtBlock(dim, r, cfg, dwconv_impl, dtype, rngs) for r in dprs])
 
     def __call__(self, x, *, train: bool):
@@ -100,7 +100,7 @@ class ConvNeXt(nnx.Module):
             )
         self.config = config
         self.dims = tuple(config.dims)
-        self.stem_conv = layers.conv(
+        self.stem_conv = layers.Conv(
             config.in_channels, config.dims[0], 4, stride=4, dtype=dtype, rngs=rngs
         )
         self.stem_norm = layers.layer_norm(config.dims[0], config.norm_eps, dtype, rngs)

@@ -19,6 +19,34 @@ from cbp_jax.models import layers
 from cbp_jax.models.layers import ConvBNReLU, Dtype
 
 
+def fuse_before_upsampling(
+    kernel: jax.Array, maps: Sequence[jax.Array], size: tuple[int, int]
+) -> jax.Array:
+    """``conv1x1(concat([upsample(m) for m in maps]), kernel)`` without the concatenation.
+
+    Bilinear resizing acts on each channel alone and a 1x1 conv on each pixel alone, so they
+    commute: each map meets its slice of the fuse kernel at its own resolution and only the
+    D-wide products are upsampled and summed. Same values up to float rounding, and the fuse
+    matmuls of stages 2-4 shrink by 4, 16 and 64 times (the fuse layer was the most expensive
+    op of the SegFormer train step; docs/benchmarks.md).
+
+    Args:
+      kernel: (1, 1, sum of map widths, D) fuse kernel, input channels in ``maps`` order.
+      maps: [(B, h_s, w_s, C_s)].
+      size: (H, W) to upsample to.
+
+    Returns:
+      (B, H, W, D).
+    """
+    out, start = None, 0
+    for m in maps:
+        width = m.shape[-1]
+        y = layers.resize_bilinear(layers.conv2d(m, kernel[:, :, start : start + width]), size)
+        out = y if out is None else out + y
+        start += width
+    return out
+
+
 class SegFormerHead(nnx.Module):
     """mmseg 1.x SegformerHead: per-stage 1x1 ConvModule to D, upsample to 1/4, concat
     c1..c4, 1x1 fuse ConvModule, Dropout2d. Output (B, H/4, W/4, D).
@@ -39,12 +67,9 @@ class SegFormerHead(nnx.Module):
         self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
 
     def __call__(self, feats: Sequence[jax.Array], *, train: bool) -> jax.Array:
-        size = feats[0].shape[1:3]
-        outs = [
-            layers.resize_bilinear(conv(f, train=train), size)
-            for conv, f in zip(self.convs, feats, strict=True)
-        ]
-        x = self.fuse(jnp.concatenate(outs, axis=-1), train=train)
+        stage_maps = [conv(f, train=train) for conv, f in zip(self.convs, feats, strict=True)]
+        x = fuse_before_upsampling(self.fuse.conv.kernel[...], stage_maps, feats[0].shape[1:3])
+        x = self.fuse.norm_act(x, train=train)
         return self.dropout(x, deterministic=not train)
 
 
@@ -64,19 +89,16 @@ class SegFormerMLPHead(nnx.Module):
     ):
         self.width = width
         self.linear_c = nnx.List([layers.linear(d, width, dtype, rngs) for d in in_dims])
-        self.linear_fuse = layers.conv(
+        self.linear_fuse = layers.Conv(
             width * len(in_dims), width, 1, use_bias=False, dtype=dtype, rngs=rngs
         )
         self.bn = layers.batch_norm(width, dtype, rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, feats: Sequence[jax.Array], *, train: bool) -> jax.Array:
-        size = feats[0].shape[1:3]
-        outs = [
-            layers.resize_bilinear(lin(f), size)
-            for lin, f in zip(self.linear_c, feats, strict=True)
-        ]
-        x = self.linear_fuse(jnp.concatenate(outs[::-1], axis=-1))
+        stage_maps = [lin(f) for lin, f in zip(self.linear_c, feats, strict=True)]
+        kernel = self.linear_fuse.kernel[...]  # concatenation order c4, c3, c2, c1
+        x = fuse_before_upsampling(kernel, stage_maps[::-1], feats[0].shape[1:3])
         x = jax.nn.relu(self.bn(x, use_running_average=not train))
         return self.dropout(x, deterministic=not train)
 

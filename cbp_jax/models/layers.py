@@ -8,6 +8,7 @@ matrices applied with einsum: exact, static-shaped and fast on every backend.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -87,6 +88,55 @@ def resolve_dwconv_impl(impl: str) -> str:
     return impl
 
 
+def _shifted_sum(xp: jax.Array, taps: jax.Array, h: int, w: int) -> jax.Array:
+    """sum_ij xp[:, i:i+h, j:j+w, :] * taps[i, j]: a stride-1 depthwise correlation (k, k, C)."""
+    k = taps.shape[0]
+    acc_dtype = jnp.promote_types(xp.dtype, jnp.float32)
+    y = jnp.zeros((xp.shape[0], h, w, xp.shape[-1]), acc_dtype)
+    for i in range(k):
+        for j in range(k):
+            y = y + (xp[:, i : i + h, j : j + w, :] * taps[i, j]).astype(acc_dtype)
+    return y.astype(xp.dtype)
+
+
+def _pad_hw(x: jax.Array, p: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted_depthwise(x: jax.Array, taps: jax.Array, padding: int) -> jax.Array:
+    """Stride-1 depthwise conv of (B, H, W, C) with taps (k, k, C) as a sum of shifted slices."""
+    k = taps.shape[0]
+    h, w = x.shape[1] + 2 * padding - k + 1, x.shape[2] + 2 * padding - k + 1
+    return _shifted_sum(_pad_hw(x, padding), taps, h, w)
+
+
+def _shifted_depthwise_fwd(x, taps, padding):
+    return _shifted_depthwise(x, taps, padding), (x, taps)
+
+
+def _shifted_depthwise_bwd(padding, residuals, g):
+    """Input grad: the same shifted sum over the padded cotangent with flipped taps (one fused
+    loop, where autodiff of the forward materializes k*k padded copies). Tap grads: one
+    variadic reduction for all k*k taps, which XLA:CPU runs 2x faster than k*k reductions."""
+    x, taps = residuals
+    k = taps.shape[0]
+    h, w = g.shape[1], g.shape[2]
+    gx = _shifted_sum(_pad_hw(g, k - 1 - padding), taps[::-1, ::-1], x.shape[1], x.shape[2])
+    xp = _pad_hw(x, padding)
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    products = [
+        (xp[:, i : i + h, j : j + w, :] * g).astype(acc_dtype) for i in range(k) for j in range(k)
+    ]
+    zeros = [jnp.zeros((), acc_dtype)] * len(products)
+    sums = jax.lax.reduce(products, zeros, lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
+    dtaps = jnp.stack(sums).reshape(taps.shape).astype(taps.dtype)
+    return gx, dtaps
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
+
+
 def depthwise_conv2d(
     x: jax.Array, kernel: jax.Array, bias: jax.Array | None, *, padding: int, impl: str
 ) -> jax.Array:
@@ -94,9 +144,10 @@ def depthwise_conv2d(
 
     ``impl='xla'`` uses ``lax.conv_general_dilated`` with ``feature_group_count=C``;
     ``impl='shifted'`` sums k*k shifted slices of the padded input times per-channel
-    weights, accumulating in float32. Both give the same numbers (tested).
+    weights, accumulating in float32, with a hand-written backward pass (XLA:CPU's grouped
+    convolution is 5-30x slower; docs/benchmarks.md). Both give the same values and
+    gradients (tested).
     """
-    k = kernel.shape[0]
     kernel = kernel.astype(x.dtype)
     if impl == "xla":
         y = jax.lax.conv_general_dilated(
@@ -108,15 +159,7 @@ def depthwise_conv2d(
             feature_group_count=x.shape[-1],
         )
     elif impl == "shifted":
-        h = x.shape[1] + 2 * padding - k + 1
-        w = x.shape[2] + 2 * padding - k + 1
-        xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-        y = jnp.zeros((x.shape[0], h, w, x.shape[-1]), acc_dtype)
-        for i in range(k):
-            for j in range(k):
-                y = y + (xp[:, i : i + h, j : j + w, :] * kernel[i, j, 0]).astype(acc_dtype)
-        y = y.astype(x.dtype)
+        y = _shifted_depthwise(x, kernel[:, :, 0, :], padding)
     else:
         raise ValueError(f"depthwise conv impl={impl!r}; use 'xla' or 'shifted'.")
     if bias is not None:
@@ -184,29 +227,77 @@ def linear(din: int, dout: int, dtype: Dtype, rngs, *, use_bias: bool = True) ->
     )
 
 
-def conv(
-    din: int,
-    dout: int,
-    kernel_size: int,
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
     *,
     stride: int = 1,
     padding: int = 0,
-    use_bias: bool = True,
-    dtype: Dtype = None,
-    rngs,
-) -> nnx.Conv:
-    """Conv with PyTorch-style explicit symmetric padding; kernel (k, k, in, out)."""
-    return nnx.Conv(
-        din,
-        dout,
-        kernel_size=(kernel_size, kernel_size),
-        strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        use_bias=use_bias,
-        kernel_init=conv_fan_out,
-        dtype=dtype,
-        rngs=rngs,
-    )
+) -> jax.Array:
+    """PyTorch ``Conv2d`` of (B, H, W, Cin) with kernel (k, k, Cin, Cout), symmetric padding.
+
+    The formulation follows the shape (docs/benchmarks.md has the measurements):
+
+    - 1x1, stride 1, no padding (SegFormer/UperNet laterals and fuse layers): one matmul over
+      channels. XLA:CPU's 1x1 ``conv_general_dilated`` is 2-4x slower, backward pass most.
+    - kernel == stride, no padding (patchify: ConvNeXt stem and downsampling, MiT spatial
+      reduction): non-overlapping k x k patches reshaped and contracted in one einsum; rows
+      and columns past the last whole patch are dropped, as PyTorch does.
+    - anything else: ``lax.conv_general_dilated``.
+    """
+    k = kernel.shape[0]
+    kernel = kernel.astype(x.dtype)
+    if k == 1 and stride == 1 and padding == 0:
+        y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+    elif k == stride and padding == 0:
+        b, h, w, c = x.shape
+        ho, wo = h // k, w // k
+        patches = x[:, : ho * k, : wo * k].reshape(b, ho, k, wo, k, c)
+        y = jnp.einsum("bhiwjc,ijco->bhwo", patches, kernel)
+    else:
+        y = jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(stride, stride),
+            padding=((padding, padding), (padding, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    if bias is not None:
+        y = y + bias.astype(x.dtype)
+    return y
+
+
+class Conv(nnx.Module):
+    """``nn.Conv2d`` with explicit symmetric padding: kernel (k, k, in, out), optional bias.
+
+    Parameters are float32 and named as ``nnx.Conv``'s (``kernel``, ``bias``); the forward
+    pass is :func:`conv2d`, which picks the fastest exact formulation for the shape.
+    """
+
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        use_bias: bool = True,
+        dtype: Dtype = None,
+        rngs,
+    ):
+        shape = (kernel_size, kernel_size, din, dout)
+        self.kernel = nnx.Param(conv_fan_out(rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32)) if use_bias else nnx.data(None)
+        self.stride, self.padding, self.dtype = stride, padding, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, din) -> (B, H', W', dout)."""
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        bias = None if self.bias is None else self.bias[...]
+        return conv2d(x, self.kernel[...], bias, stride=self.stride, padding=self.padding)
 
 
 class ConvBNReLU(nnx.Module):
@@ -229,14 +320,18 @@ class ConvBNReLU(nnx.Module):
         rngs,
     ):
         pad = kernel_size // 2 if padding is None else padding
-        self.conv = conv(
+        self.conv = Conv(
             din, dout, kernel_size, padding=pad, use_bias=False, dtype=dtype, rngs=rngs
         )
         self.bn = batch_norm(dout, dtype, rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """(B, H, W, din) -> (B, H, W, dout)."""
-        return jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))
+        return self.norm_act(self.conv(x), train=train)
+
+    def norm_act(self, y: jax.Array, *, train: bool) -> jax.Array:
+        """BatchNorm -> ReLU of a conv output ``y`` (B, H, W, dout)."""
+        return jax.nn.relu(self.bn(y, use_running_average=not train))
 
 
 def batch_norm(dim: int, dtype: Dtype, rngs) -> nnx.BatchNorm:

@@ -56,7 +56,7 @@ class OverlapPatchEmbed(nnx.Module):
     """Conv (kernel k, stride s, padding k // 2) then LayerNorm: (B, H, W, Cin) -> (B, h, w, C)."""
 
     def __init__(self, din, dim, patch_size, stride, eps, dtype, rngs):
-        self.proj = layers.conv(
+        self.proj = layers.Conv(
             din, dim, patch_size, stride=stride, padding=patch_size // 2, dtype=dtype, rngs=rngs
         )
         self.norm = layers.layer_norm(dim, eps, dtype, rngs)
@@ -78,7 +78,7 @@ class EfficientAttention(nnx.Module):
         self.proj = layers.linear(dim, dim, dtype, rngs)
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
-            self.sr = layers.conv(dim, dim, sr_ratio, stride=sr_ratio, dtype=dtype, rngs=rngs)
+            self.sr = layers.Conv(dim, dim, sr_ratio, stride=sr_ratio, dtype=dtype, rngs=rngs)
             self.sr_norm = layers.layer_norm(dim, eps, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

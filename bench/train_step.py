@@ -1,0 +1,356 @@
+"""Train-step and inference speed of cbp_jax against PyTorch eager (transformers SegFormer).
+
+    python bench/train_step.py --quick            # B0, batch 8, 256x256: ends "speedup_vs_pytorch"
+    python bench/train_step.py --model segformer_b5 --batch 2 --size 512 --steps 5
+    python bench/train_step.py --quick --profile  # + where the cbp_jax step spends its time
+    python bench/train_step.py --memory           # compiled memory of the B5 step (no timing)
+
+Both sides run in this one process, on the same shapes and thread count, float32:
+
+- cbp_jax: ``models.create`` + ``train_lib.make_train_step`` under ``jax.jit`` with the
+  state donated, exactly as ``train.py`` runs it. Rows: CBP + OCCL (the default model, mmseg
+  head of width 256) and the same model with a learned classifier and CE only.
+- PyTorch: transformers' ``SegformerForSemanticSegmentation`` with the same encoder, a
+  256-wide decode head, dropout and drop path, AdamW, CE on bilinearly upsampled logits
+  (ignore 255). "PyTorch CBP + OCCL" swaps its classifier for frozen prototypes and adds
+  OCCL written in PyTorch below (``torch_occl``), to measure the overhead on that side too.
+
+Variants are stepped round-robin after a warm-up, so slow drift of the machine hits all of
+them alike; the table shows medians and the spread (min-max). Inference is the eval-mode
+forward at the same shapes. Speedups are PyTorch time / cbp_jax time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/
+
+from cbp_jax import train_lib  # noqa: E402
+from cbp_jax.trainer import model_from_config  # noqa: E402
+from configs import common  # noqa: E402
+
+MIT = {  # transformers SegformerConfig fields of each MiT variant
+    "segformer_b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2]),
+    "segformer_b1": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2]),
+    "segformer_b2": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3]),
+    "segformer_b5": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 6, 40, 3]),
+}
+
+
+def jax_config(name: str, num_classes: int, *, cbp: bool, dtype: str = "float32", remat=False):
+    c = common.base_config()
+    common.segformer_recipe(c, name)
+    c.data.num_classes = num_classes
+    c.model.dtype = dtype
+    if remat:
+        c.model.remat = True
+    c.optimizer.warmup_steps = 10
+    c.total_steps = 1000
+    if not cbp:
+        common.apply_variants(c, "baseline")
+    return c
+
+
+class JaxVariant:
+    """One jitted, donated cbp_jax train step and eval forward on a fixed batch."""
+
+    def __init__(self, config, images: np.ndarray, labels: np.ndarray):
+        model = model_from_config(config)
+        self.graphdef, params, _ = train_lib.split_model(model)
+        tx = train_lib.make_optimizer(model, params, config.optimizer, config.total_steps)
+        self.state = train_lib.init_state(model, tx)
+        del model
+        loss_cfg = train_lib.LossConfig.from_config(config)
+        self.step_fn = jax.jit(
+            train_lib.make_train_step(self.graphdef, tx, loss_cfg), donate_argnums=0
+        )
+        self.predict_fn = jax.jit(train_lib.make_predict_fn(self.graphdef))
+        self.batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+
+    def step(self):
+        self.state, metrics = self.step_fn(self.state, self.batch)
+        jax.block_until_ready(metrics["loss"])
+
+    def infer(self):
+        jax.block_until_ready(self.predict_fn(self.state, self.batch["image"]))
+
+
+def torch_occl(features, labels, prototypes, *, tau=0.07, lam=1.0, phi=0.1, ignore=255):
+    """OCCL (docs/method.md section 2) in PyTorch: features (B, C, h, w), labels (B, h, w)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, c = features.shape[:2]
+    n = prototypes.shape[0]
+    flat = features.permute(0, 2, 3, 1).reshape(-1, c)
+    view = (torch.arange(b) >= b // 2).long()[:, None, None].expand_as(labels).reshape(-1)
+    lab = labels.reshape(-1)
+    seg = torch.where(lab != ignore, view * n + lab, torch.full_like(lab, 2 * n))
+    sums = torch.zeros(2 * n + 1, c).index_add_(0, seg, flat)[: 2 * n].view(2, n, c)
+    counts = torch.bincount(seg, minlength=2 * n + 1)[: 2 * n].view(2, n).float()
+    cent = sums / counts.clamp(min=1)[..., None]
+    present = counts > 0
+    valid = present[0] & present[1]
+    q = F.normalize(cent, dim=-1)
+    keys = F.normalize(cent.mean(0), dim=-1).detach()
+    protos = F.normalize(prototypes, dim=-1)
+    pos = (q[0] * q[1]).sum(-1) / tau
+    neg = torch.einsum("xic,jc->xij", q, keys) / tau
+    mask = valid[None, :] & ~torch.eye(n, dtype=torch.bool)
+    neg = neg.masked_fill(~mask[None], float("-inf"))
+    logits = torch.cat([pos.expand(2, n)[..., None], neg], -1)
+    cnll = torch.logsumexp(logits, -1) - pos[None]
+    vm = valid.float()
+    centroid = sum((cnll[x] * vm).sum() / vm.sum().clamp(min=1) for x in range(2)) / 2
+    plog = torch.einsum("xic,jc->xij", q, protos) / tau
+    knll = torch.logsumexp(plog, -1) - torch.diagonal(plog, dim1=1, dim2=2)
+    pm = present.float()
+    category = sum((knll[x] * pm[x]).sum() / pm[x].sum().clamp(min=1) for x in range(2)) / 2
+    return lam * centroid + phi * category
+
+
+class TorchVariant:
+    """transformers SegFormer + AdamW; ``cbp=True`` swaps in frozen prototypes and OCCL."""
+
+    def __init__(self, name, num_classes, images, labels, *, cbp: bool):
+        import torch
+        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+        self.torch = torch
+        torch.manual_seed(0)
+        cfg = SegformerConfig(num_labels=num_classes, decoder_hidden_size=256, **MIT[name])
+        self.model = SegformerForSemanticSegmentation(cfg)
+        self.cbp = cbp
+        if cbp:
+            w = torch.linalg.qr(torch.randn(256, num_classes))[0].T.contiguous()  # (N, 256)
+            self.model.decode_head.classifier = _FrozenPrototypes(w)
+        self.opt = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=6e-5, weight_decay=0.01
+        )
+        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+
+    def step(self):
+        torch, F = self.torch, self.torch.nn.functional
+        self.model.train()
+        logits = self.model(pixel_values=self.images).logits
+        up = F.interpolate(logits, size=self.labels.shape[1:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(up, self.labels, ignore_index=255)
+        if self.cbp:
+            head = self.model.decode_head.classifier
+            small = F.interpolate(self.labels[:, None].float(), size=logits.shape[2:])
+            loss = loss + torch_occl(head.features, small[:, 0].long(), head.w)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def infer(self):
+        self.model.eval()
+        with self.torch.inference_mode():
+            self.model(pixel_values=self.images)
+
+
+def _FrozenPrototypes(w):  # noqa: N802 (a class factory keeps torch out of module import)
+    import torch
+
+    class FrozenPrototypes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", w)
+
+        def forward(self, x):  # (B, C, h, w) -> (B, N, h, w); keeps x for OCCL
+            self.features = x
+            return torch.einsum("bchw,nc->bnhw", x, self.w)
+
+    return FrozenPrototypes()
+
+
+def round_robin(variants: dict, method: str, warmup: int, repeats: int) -> dict[str, list]:
+    """Times ``method`` of every variant in turn; ``warmup`` untimed rounds first."""
+    for _ in range(warmup):
+        for v in variants.values():
+            getattr(v, method)()
+    times = {k: [] for k in variants}
+    for _ in range(repeats):
+        for k, v in variants.items():
+            t = time.perf_counter()
+            getattr(v, method)()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def _row(name, ts, batch):
+    med = statistics.median(ts)
+    return f"| {name} | {med:.3f} | {min(ts):.3f}-{max(ts):.3f} | {batch / med:.1f} |"
+
+
+def batch_arrays(batch, size, num_classes, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    # Blocky labels (8x8 cells) so every class appears in both halves, 5 % ignored.
+    cells = rng.integers(0, num_classes, size=(batch, size // 8, size // 8))
+    labels = np.kron(cells, np.ones((8, 8), np.int64)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.05] = 255
+    return images, labels
+
+
+def profile_jax_step(variant: JaxVariant, top: int = 25) -> None:
+    """Per-op time of the compiled step from a ``jax.profiler`` trace, by HLO op and by kind."""
+    compiled = variant.step_fn.lower(variant.state, variant.batch).compile()
+    hlo = compiled.as_text()
+    info = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s+%?(\S+) = (\S+) ", line)
+        if m:
+            op = re.search(r'op_name="([^"]+)"', line)
+            info[m.group(1)] = (m.group(2), op.group(1) if op else "")
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(2):
+            variant.step()
+        jax.profiler.stop_trace()
+        trace = next(Path(d).rglob("*.trace.json.gz"))
+        events = json.load(gzip.open(trace))["traceEvents"]
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in info:
+            per_op[e["name"]] += e.get("dur", 0) / 2e3  # ms per step
+    total = sum(per_op.values())
+    kinds = collections.Counter()
+    for name, ms in per_op.items():
+        op = info[name][1]
+        where = "backward" if "transpose(" in op else "forward"
+        prim = op.split("/")[-1] if op else name.split(".")[0]
+        kinds[f"{where} {re.sub(r'^(jvp|transpose)[(]|[)]+$', '', prim)}"] += ms
+    print(f"\nOp time per step, summed over threads: {total:.0f} ms. By kind:\n")
+    print("| kind | ms | share |\n|---|---|---|")
+    for k, ms in kinds.most_common(top):
+        print(f"| {k} | {ms:.1f} | {100 * ms / total:.1f} % |")
+    print(f"\nTop {top} ops:\n\n| op | output | ms | source |\n|---|---|---|---|")
+    for name, ms in per_op.most_common(top):
+        shape, op = info[name]
+        print(f"| {name} | `{shape.split('{')[0]}` | {ms:.1f} | `{op[-70:]}` |")
+
+
+def memory_report(name, batch, size, num_classes):
+    """XLA's compiled memory analysis of the train step (no run)."""
+    print(f"\n{name}, batch {batch}, {size}x{size}: compiled train step memory (XLA analysis)\n")
+    print("| compute dtype | remat | arguments (MB) | temporaries (MB) | peak est. (MB) |")
+    print("|---|---|---|---|---|")
+    images, labels = batch_arrays(batch, size, num_classes)
+    for dtype in ("float32", "bfloat16"):
+        for remat in (False, True):
+            config = jax_config(name, num_classes, cbp=True, dtype=dtype, remat=remat)
+            abstract = nnx.eval_shape(lambda config=config: model_from_config(config))
+            graphdef, params, _ = train_lib.split_model(abstract)
+            tx = train_lib.make_optimizer(abstract, params, config.optimizer, 1000)
+            state = jax.eval_shape(lambda c=config, tx=tx: train_lib.init_state(model_from_config(c), tx))
+            step = jax.jit(
+                train_lib.make_train_step(graphdef, tx, train_lib.LossConfig.from_config(config)),
+                donate_argnums=0,
+            )
+            batch_ = {
+                "image": jax.ShapeDtypeStruct(images.shape, jnp.float32),
+                "label": jax.ShapeDtypeStruct(labels.shape, jnp.int32),
+            }
+            mem = step.lower(state, batch_).compile().memory_analysis()
+            args = mem.argument_size_in_bytes / 2**20
+            temp = mem.temp_size_in_bytes / 2**20
+            out_extra = (mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**20
+            print(
+                f"| {dtype} | {remat} | {args:.0f} | {temp:.0f} | {args + temp + out_extra:.0f} |",
+                flush=True,
+            )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="B0, batch 8, 256x256, few steps")
+    ap.add_argument("--model", default="segformer_b0", choices=sorted(MIT))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--num-classes", type=int, default=11)
+    ap.add_argument("--steps", type=int, default=10, help="timed rounds per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="op-level profile of the jax step")
+    ap.add_argument("--no-torch", action="store_true", help="cbp_jax rows only")
+    ap.add_argument("--memory", action="store_true", help="B5 batch 2 512x512 memory only")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.batch, args.size, args.steps = "segformer_b0", 8, 256, 6
+    if args.memory:
+        memory_report("segformer_b5", 2, 512, 150)
+        return
+
+    import torch
+
+    threads = torch.get_num_threads()
+    print(
+        f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), "
+        f"torch {torch.__version__} ({threads} threads), {os.cpu_count()} cores; "
+        f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.num_classes} "
+        "classes, float32"
+    )
+    images, labels = batch_arrays(args.batch, args.size, args.num_classes)
+    variants = {
+        "cbp_jax CBP + OCCL": JaxVariant(
+            jax_config(args.model, args.num_classes, cbp=True), images, labels
+        ),
+        "cbp_jax learned + CE": JaxVariant(
+            jax_config(args.model, args.num_classes, cbp=False), images, labels
+        ),
+    }
+    if not args.no_torch:
+        variants["PyTorch learned + CE"] = TorchVariant(
+            args.model, args.num_classes, images, labels, cbp=False
+        )
+        variants["PyTorch CBP + OCCL"] = TorchVariant(
+            args.model, args.num_classes, images, labels, cbp=True
+        )
+    t0 = time.perf_counter()
+    train = round_robin(variants, "step", args.warmup, args.steps)
+    print(f"\nTrain step ({args.steps} rounds after {args.warmup} warm-up):\n")
+    print("| variant | median (s) | min-max (s) | images/s |\n|---|---|---|---|")
+    for k, ts in train.items():
+        print(_row(k, ts, args.batch))
+    infer_variants = {k: v for k, v in variants.items() if "CBP" in k}
+    infer = round_robin(infer_variants, "infer", 2, max(args.steps, 5))
+    print("\nInference, eval-mode forward:\n")
+    print("| variant | median (s) | min-max (s) | images/s |\n|---|---|---|---|")
+    for k, ts in infer.items():
+        print(_row(k, ts, args.batch))
+    med = {k: statistics.median(ts) for k, ts in train.items()}
+    overhead = med["cbp_jax CBP + OCCL"] / med["cbp_jax learned + CE"] - 1
+    print(f"\ncbp_jax CBP + OCCL overhead over learned + CE: {100 * overhead:+.1f} %")
+    if not args.no_torch:
+        t_over = med["PyTorch CBP + OCCL"] / med["PyTorch learned + CE"] - 1
+        print(f"PyTorch CBP + OCCL overhead over learned + CE: {100 * t_over:+.1f} %")
+        inf = {k: statistics.median(ts) for k, ts in infer.items()}
+        ratio = inf["PyTorch CBP + OCCL"] / inf["cbp_jax CBP + OCCL"]
+        print(f"inference speedup_vs_pytorch: {ratio:.2f}")
+    print(f"(timed part: {time.perf_counter() - t0:.0f} s)")
+    if args.profile:
+        profile_jax_step(variants["cbp_jax CBP + OCCL"])
+    if not args.no_torch:
+        speedup = med["PyTorch learned + CE"] / med["cbp_jax CBP + OCCL"]
+        print(f"speedup_vs_pytorch: {speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()

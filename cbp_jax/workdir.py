@@ -1,0 +1,257 @@
+"""A workdir's ownership and identity: one training run at a time, and the config it holds.
+
+- :class:`WorkdirLock`: ``<workdir>/train.lock``, an exclusive ``flock`` held by process 0
+  of the training run. A second run stops at once naming the holder; the kernel releases
+  the lock when its holder dies (kill -9 included), and the next run takes it over with a
+  warning naming the dead holder.
+- :func:`check_resume_config` / :func:`check_eval_config`: the workdir's ``config.json``
+  against the current config, before anything is written or restored.
+"""
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+LOCK_NAME = "train.lock"
+CONFIG_NAME = "config.json"
+
+# Fields that may change when a run resumes: how long it runs, how often it logs, saves
+# and evaluates, where its data lives and how it is read, the devices, and the two knobs a
+# non-finite stop advises turning.
+RESUMABLE_FIELDS = (
+    "total_steps",
+    "log_every",
+    "eval",
+    "checkpoint",
+    "mesh",
+    "distributed",
+    "partition_rules",
+    "init_from",
+    "trust_pickle",
+    "data.root",
+    "data.format",
+    "data.num_workers",
+    "data.skip_bad_examples",
+    "optimizer.lr",
+    "optimizer.clip_norm",
+)
+# Fields that decide what a checkpoint holds: evaluation needs them to match.
+CHECKPOINT_SHAPE_FIELDS = ("model", "data.dataset", "data.num_classes", "optimizer.name")
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another live process holds the workdir's lock."""
+
+
+class ConfigMismatchError(ValueError):
+    """The config differs from the one the workdir was trained with."""
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+class WorkdirLock:
+    """An exclusive, crash-safe lock on ``<workdir>/train.lock``.
+
+    Args:
+      workdir: the training workdir (must exist).
+
+    The file records the holder (``{"pid", "host", "since"}``); a clean release empties it,
+    so a non-empty file found with the lock free was left by a holder that died.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+        self._fd: int | None = None
+
+    def acquire(self) -> "WorkdirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise WorkdirBusyError(
+                f"{os.path.dirname(self.path)} is in use by {_describe(holder)}. One workdir "
+                "has one training run: wait for that run to end or stop it, or pass another "
+                "--workdir."
+            ) from None
+        previous = _read_holder(fd)
+        if previous:
+            logging.warning(
+                "Taking over %s: its holder, %s, ended without releasing it (killed?).",
+                self.path,
+                _describe(previous),
+            )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    raw = os.pread(fd, 4096, 0)
+    try:
+        return json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return {"pid": "?", "host": "?", "since": f"(unreadable lock file: {raw[:40]!r})"}
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "another process (it has not written its name yet)"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
+
+
+# ----------------------------------------------------------------------------- the config
+
+
+def config_as_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON values (tuples become lists), as ``config.json`` stores it."""
+    return json.loads(config.to_json_best_effort())
+
+
+def flat_fields(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optimizer.lr": 6e-5, ...}``: every leaf of a nested dict by its dotted path."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flat_fields(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
+    """``{dotted field: (saved value, current value)}`` of every field that differs.
+
+    A field present on one side only is reported with ``"<absent>"`` on the other.
+    """
+    old, new = flat_fields(saved), flat_fields(current)
+    absent = "<absent>"
+    return {
+        name: (old.get(name, absent), new.get(name, absent))
+        for name in sorted(old.keys() | new.keys())
+        if old.get(name, absent) != new.get(name, absent)
+    }
+
+
+def _under(name: str, fields: tuple[str, ...]) -> bool:
+    return any(name == f or name.startswith(f + ".") for f in fields)
+
+
+def read_saved_config(workdir: str) -> dict[str, Any] | None:
+    """The workdir's ``config.json`` (None when there is none)."""
+    path = os.path.join(workdir, CONFIG_NAME)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Raises :class:`ConfigMismatchError` if resuming ``workdir`` would change a field
+    outside :data:`RESUMABLE_FIELDS`. A workdir without a checkpoint is a fresh start."""
+    saved = read_saved_config(workdir)
+    if saved is None or not has_checkpoint(workdir):
+        return
+    changed = {
+        k: v
+        for k, v in config_differences(saved, config_as_dict(config)).items()
+        if not _under(k, RESUMABLE_FIELDS)
+    }
+    if changed:
+        raise ConfigMismatchError(
+            f"{workdir} holds a run of another config; resuming it with this one would change "
+            f"{_format_changes(changed)}. Rerun with the workdir's values (its {CONFIG_NAME}), "
+            "or pass a new --workdir to start a separate run. Fields allowed to change on "
+            f"resume: {', '.join(RESUMABLE_FIELDS)}."
+        )
+
+
+def check_eval_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Raises :class:`ConfigMismatchError` if ``config`` builds a different model (or data
+    set) than the one ``workdir``'s checkpoints were trained with."""
+    saved = read_saved_config(workdir)
+    if saved is None:
+        return
+    changed = {
+        k: v
+        for k, v in config_differences(saved, config_as_dict(config)).items()
+        if _under(k, CHECKPOINT_SHAPE_FIELDS)
+    }
+    if changed:
+        raise ConfigMismatchError(
+            f"{workdir}'s checkpoints were trained with another config: this one changes "
+            f"{_format_changes(changed)}. Pass the training config (the values in "
+            f"{os.path.join(workdir, CONFIG_NAME)})."
+        )
+
+
+def _format_changes(changed: dict[str, tuple]) -> str:
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The finished checkpoint steps in ``<workdir>/checkpoints`` (read only; creates nothing)."""
+    folder = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+
+
+def has_checkpoint(workdir: str) -> bool:
+    return bool(checkpoint_steps(workdir))
+
+
+def check_evaluable(workdir: str, config: ml_collections.ConfigDict, step: int | None) -> None:
+    """Checks, before anything is compiled or created, that ``workdir`` has the checkpoint
+    ``eval.py`` is asked for (``step``, default the latest) and a matching config."""
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        where = "does not exist" if not os.path.isdir(workdir) else "has no checkpoint"
+        raise FileNotFoundError(
+            f"{os.path.abspath(workdir)} {where}. Pass the --workdir of a training run (with "
+            "checkpoints/<step>/ folders), or --weights FILE to evaluate converted weights."
+        )
+    if step is not None and step not in steps:
+        raise FileNotFoundError(
+            f"{workdir} has no checkpoint of step {step}; it has steps {steps}. Pass one of "
+            "them to --step, or leave --step out for the latest."
+        )
+    check_eval_config(workdir, config)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes ``<workdir>/config.json`` (atomically: a crash never leaves half a file)."""
+    path = os.path.join(workdir, CONFIG_NAME)
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
+    os.replace(path + ".tmp", path)
