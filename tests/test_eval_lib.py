@@ -121,7 +121,7 @@ def test_mesh_evaluation_matches_the_single_device_path(ade20k_run, mode):
 
 
 def test_eval_batch_size_must_fill_the_mesh(tmp_path):
-    config = _config(str(tmp_path), batch_size=6)
+    config = _config(str(tmp_path), num_devices=8, batch_size=6)
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
         eval_lib.eval_batch_size(config, trainer.mesh_from_config(config))
 
