@@ -263,13 +263,13 @@ def profile_jax_step(variant: JaxVariant, top: int = 25) -> None:
         print(f"| {name} | `{shape.split('{')[0]}` | {ms:.1f} | `{op[-70:]}` |")
 
 
-def memory_report(name, batch, size, num_classes):
+def memory_report(name, batch, size, num_classes, dtypes=("float32", "bfloat16")):
     """XLA's compiled memory analysis of the train step (no run)."""
     print(f"\n{name}, batch {batch}, {size}x{size}: compiled train step memory (XLA analysis)\n")
     print("| compute dtype | remat | arguments (MB) | temporaries (MB) | peak est. (MB) |")
     print("|---|---|---|---|---|")
     images, labels = batch_arrays(batch, size, num_classes)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes:
         for remat in (False, True):
             config = jax_config(name, num_classes, cbp=True, dtype=dtype, remat=remat)
             abstract = nnx.eval_shape(lambda config=config: model_from_config(config))
@@ -308,12 +308,13 @@ def main():
     ap.add_argument("--profile", action="store_true", help="op-level profile of the jax step")
     ap.add_argument("--no-torch", action="store_true", help="cbp_jax rows only")
     ap.add_argument("--memory", action="store_true", help="B5 batch 2 512x512 memory only")
+    ap.add_argument("--memory-dtypes", default="float32,bfloat16", help="for --memory")
     ap.add_argument("--one-device", action="store_true", help="one CPU device for all cores")
     args = ap.parse_args()
     if args.quick:
         args.model, args.batch, args.size, args.steps = "segformer_b0", 8, 256, 6
     if args.memory:
-        memory_report("segformer_b5", 2, 512, 150)
+        memory_report("segformer_b5", 2, 512, 150, tuple(args.memory_dtypes.split(",")))
         return
 
     import torch

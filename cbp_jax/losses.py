@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbp_jax import metrics
+
 VIEWS = ("batch_halves", "random_pixels")
 
 
@@ -128,7 +130,7 @@ def view_centroids(
     """
     c = features.shape[-1]
     labels = labels.reshape(-1)
-    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    valid = metrics.valid_label_mask(labels, num_classes, ignore_index)
     trash = 2 * num_classes  # one extra segment collects the unlabelled pixels
     segment = jnp.where(valid, view_ids.reshape(-1) * num_classes + labels, trash)
     flat = features.reshape(-1, c).astype(jnp.float32)
