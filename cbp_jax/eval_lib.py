@@ -340,7 +340,7 @@ def evaluate_checkpoint(
         setup = trainer.Setup(config, mesh)
         state = setup.init_state()
         if weights:
-            state = setup.load_pretrained(state, weights)
+            state = setup.load_pretrained(state, weights, config.get("trust_pickle"))
             label = "weights"
         else:
             checkpointer = checkpointing.Checkpointer(
