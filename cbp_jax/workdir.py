@@ -187,6 +187,16 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
         for k, v in config_differences(saved, config_as_dict(config)).items()
         if not _under(k, RESUMABLE_FIELDS)
     }
+    # Fields the run's code did not have yet (added by a newer version) do not block it.
+    added = {k: v for k, v in changed.items() if v[0] == "<absent>"}
+    if added:
+        logging.warning(
+            "Resuming %s, whose %s predates the fields %s; they take this run's values.",
+            workdir,
+            CONFIG_NAME,
+            _format_changes(added),
+        )
+        changed = {k: v for k, v in changed.items() if k not in added}
     if changed:
         raise ConfigMismatchError(
             f"{workdir} holds a run of another config; resuming it with this one would change "

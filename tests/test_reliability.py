@@ -171,6 +171,11 @@ def test_resume_with_another_config_stops_before_writing(tmp_path):
     allowed = tiny_config(total_steps=50, log_every=5, **{"optimizer.lr": 1e-4})
     allowed.checkpoint.every = 7
     workdir_lib.check_resume_config(str(tmp_path), allowed)
+    # A field newer than the run's config.json (a later version of the code) passes too.
+    saved = json.loads(before)
+    del saved["model"]["remat"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    workdir_lib.check_resume_config(str(tmp_path), tiny_config(total_steps=3))
     with pytest.raises(workdir_lib.ConfigMismatchError, match="model.depths"):
         workdir_lib.check_eval_config(str(tmp_path), tiny_config(**{"model.depths": (2, 2, 2, 2)}))
 
