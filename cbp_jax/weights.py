@@ -16,7 +16,7 @@ values into the module's variables. Formats:
 - timm and Facebook ConvNeXt (incl. Facebook's segmentation backbone with ``norm{i}``), and
   mmpretrain's (mmseg UperNet-ConvNeXt checkpoints), with mmseg UPerHead / FCNHead;
 - HF Swin: ``SwinModel``, ``SwinBackbone``, ``SwinForImageClassification`` and
-  ``UperNetForSemanticSegmentation`` (Swin backbone), v4 names and the 5.x in-memory names;
+  ``UperNetForSemanticSegmentation`` (Swin backbone), v4 names (what transformers 5 writes);
 - official Swin (microsoft/Swin-Transformer ImageNet ``.pth``, and the Swin-Transformer-
   Semantic-Segmentation UperNet checkpoints) and mmseg 1.x Swin (``stages.{i}``, ``w_msa``,
   patch merging in ``nn.Unfold`` order, re-ordered here), with mmseg UPerHead / FCNHead;

@@ -2,6 +2,9 @@
 
 import numpy as np
 import torch
+from flax import nnx
+
+TOL = 1e-4  # float32 parity bound
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
@@ -37,3 +40,17 @@ def images(b: int, h: int, w: int, seed: int = 0) -> tuple[np.ndarray, torch.Ten
     """Random images as (B, H, W, 3) NumPy and the same as (B, 3, H, W) torch."""
     x = np.random.default_rng(seed).normal(size=(b, h, w, 3)).astype(np.float32)
     return x, torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+
+@nnx.jit
+def forward_eval(model, x):
+    """``model(x, train=False)``, jitted once per model structure."""
+    return model(x, train=False)
+
+
+def assert_close(ours, ref: np.ndarray, tol: float = TOL) -> None:
+    """Same shape and max |ours - ref| <= tol."""
+    ours = np.asarray(ours)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    err = float(np.abs(ours - ref).max())
+    assert err <= tol, f"max abs diff {err} > {tol}"
