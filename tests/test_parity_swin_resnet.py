@@ -13,8 +13,15 @@ import torch
 import transformers as T
 from flax import nnx
 from safetensors.torch import load_file
-from torch import nn
-from torch_refs import assert_close, forward_eval, images, nhwc, randomize_
+from torch_refs import (
+    MMSegFCN,
+    MMSegResNetV1c,
+    assert_close,
+    forward_eval,
+    images,
+    nhwc,
+    randomize_,
+)
 
 from cbp_jax import models, weights
 from cbp_jax.models import layers
@@ -200,104 +207,12 @@ def test_swin_window_mismatch_fails_on_the_bias_tables(hf_swin):
 
 # ----------------------------------------------------------------------------- ResNetV1c
 
-
-def _conv_bn(din, dout, k, stride=1, dilation=1):
-    conv = nn.Conv2d(din, dout, k, stride, dilation * (k // 2), dilation, bias=False)
-    return conv, nn.BatchNorm2d(dout)
-
-
-class _Bottleneck(nn.Module):
-    """mmseg Bottleneck, style 'pytorch' (stride in conv2), attribute names as mmseg's."""
-
-    def __init__(self, din, planes, stride, dilation):
-        super().__init__()
-        self.conv1, self.bn1 = _conv_bn(din, planes, 1)
-        self.conv2, self.bn2 = _conv_bn(planes, planes, 3, stride, dilation)
-        self.conv3, self.bn3 = _conv_bn(planes, planes * 4, 1)
-        self.downsample = None
-        if stride != 1 or din != planes * 4:
-            self.downsample = nn.Sequential(*_conv_bn(din, planes * 4, 1, stride))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class _ResNetV1c(nn.Module):
-    """mmseg ResNetV1c: deep stem, max pool, 4 res layers with contract dilation."""
-
-    def __init__(self, depths, stem=64, base=64, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)):
-        super().__init__()
-        c0, c1 = _conv_bn(3, stem // 2, 3, 2), _conv_bn(stem // 2, stem // 2, 3)
-        c2 = _conv_bn(stem // 2, stem, 3)
-        self.stem = nn.Sequential(*c0, nn.ReLU(), *c1, nn.ReLU(), *c2, nn.ReLU())
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        din = stem
-        for i, depth in enumerate(depths):
-            planes, d = base * 2**i, dilations[i]
-            blocks = [_Bottleneck(din, planes, strides[i], d // 2 if d > 1 else d)]
-            blocks += [_Bottleneck(planes * 4, planes, 1, d) for _ in range(depth - 1)]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            din = planes * 4
-
-    def forward(self, x):
-        x = self.maxpool(self.stem(x))
-        outs = []
-        for i in range(4):
-            x = getattr(self, f"layer{i + 1}")(x)
-            outs.append(x)
-        return outs
-
-
-class _ConvModule(nn.Module):
-    def __init__(self, din, dout):
-        super().__init__()
-        self.conv, self.bn = _conv_bn(din, dout, 3)
-
-    def forward(self, x):
-        return torch.relu(self.bn(self.conv(x)))
-
-
-class _FCNHead(nn.Module):
-    """mmseg FCNHead (eval mode: no dropout), with its conv_seg."""
-
-    def __init__(self, din, width, num_convs, concat_input, num_classes, in_index):
-        super().__init__()
-        self.in_index = in_index
-        self.convs = nn.ModuleList(
-            [_ConvModule(din if i == 0 else width, width) for i in range(num_convs)]
-        )
-        self.conv_cat = _ConvModule(din + width, width) if concat_input else None
-        self.conv_seg = nn.Conv2d(width, num_classes, 1)
-
-    def forward(self, feats):
-        x = inp = feats[self.in_index]
-        for conv in self.convs:
-            x = conv(x)
-        if self.conv_cat is not None:
-            x = self.conv_cat(torch.cat([inp, x], dim=1))
-        return self.conv_seg(x)
-
-
-class _FCN(nn.Module):
-    """mmseg EncoderDecoder(ResNetV1c, FCNHead, auxiliary FCNHead): mmseg's key names."""
-
-    def __init__(self, depths, stem, base, width, aux_width, num_classes):
-        super().__init__()
-        self.backbone = _ResNetV1c(depths, stem, base)
-        dims = [base * 2**i * 4 for i in range(4)]
-        self.decode_head = _FCNHead(dims[3], width, 2, True, num_classes, 3)
-        self.auxiliary_head = _FCNHead(dims[2], aux_width, 1, False, num_classes, 2)
-
-
 SMALL_RESNET = dict(depths=(1, 2, 2, 2), stem_channels=16, base_channels=8)
 
 
 @pytest.fixture(scope="module")
 def torch_fcn():
-    ref = _FCN(SMALL_RESNET["depths"], 16, 8, width=24, aux_width=12, num_classes=6)
+    ref = MMSegFCN(SMALL_RESNET["depths"], 16, 8, width=24, aux_width=12, num_classes=6)
     return randomize_(ref, seed=30)
 
 
@@ -336,7 +251,7 @@ def test_resnet_v1c_train_mode_batch_statistics(torch_fcn, fcn_model, tmp_path):
     torch.save(torch_fcn.state_dict(), tmp_path / "fcn.pth")
     weights.load_pretrained(fcn_model, tmp_path / "fcn.pth")
     enc = nnx.clone(fcn_model.encoder)
-    ref = _ResNetV1c(SMALL_RESNET["depths"], 16, 8)
+    ref = MMSegResNetV1c(SMALL_RESNET["depths"], 16, 8)
     ref.load_state_dict(torch_fcn.backbone.state_dict())
     ref.train()
     x, xt = images(4, 33, 40, seed=32)
