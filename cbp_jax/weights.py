@@ -562,8 +562,16 @@ FORMATS = (
 # ----------------------------------------------------------------------------- reading
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
 def _hub_id(path: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not os.path.exists(path)
+    """'owner/name' that is not a local path; 'weights/x.pth' is a (missing) file, not an id."""
+    return (
+        bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path))
+        and not path.endswith(CHECKPOINT_SUFFIXES)
+        and not os.path.exists(path)
+    )
 
 
 def _download(repo_id: str) -> str:

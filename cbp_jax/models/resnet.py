@@ -54,7 +54,7 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """``nn.MaxPool2d(3, stride=2, padding=1)`` on (B, H, W, C) (padding never wins)."""
     return jax.lax.reduce_window(
         x,
-        jnp.array(-jnp.inf, x.dtype),
+        -jnp.inf,  # a Python scalar: JAX then knows the max monoid (and its gradient)
         jax.lax.max,
         (1, 3, 3, 1),
         (1, 2, 2, 1),
