@@ -103,9 +103,21 @@ def test_conv2d_formulations_equal_lax_conv(shape, k, stride, padding):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mit_b0", "convnext_tiny"])
-def test_remat_gives_the_same_outputs_and_gradients(name):
-    overrides = dict(depths=(1, 1, 1, 1), drop_path_rate=0.0)
+TINY_SWIN = dict(embed_dim=8, num_heads=(1, 1, 1, 1), window_size=2)
+TINY_RESNET = dict(stem_channels=8, base_channels=4)
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("mit_b0", {}),
+        ("convnext_tiny", {}),
+        ("swin_tiny", TINY_SWIN),
+        ("resnet50_v1c", TINY_RESNET),
+    ],
+)
+def test_remat_gives_the_same_outputs_and_gradients(name, extra):
+    overrides = dict(depths=(1, 1, 1, 1), drop_path_rate=0.0, **extra)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
 
     def loss_and_grads(remat):
