@@ -20,7 +20,7 @@ import os  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cbp_jax import config_checks, trainer  # noqa: E402
+from cbp_jax import config_checks, eval_lib, trainer  # noqa: E402
 from cbp_jax import workdir as workdir_lib  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +47,7 @@ def main(argv):
             workdir_lib.check_evaluable(workdir, config, flags.FLAGS.step)
     except (*trainer.STOP_ERRORS, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    metrics = trainer.evaluate_checkpoint(
+    metrics = eval_lib.evaluate_checkpoint(
         config, workdir, step=flags.FLAGS.step, weights=flags.FLAGS.weights, out_dir=flags.FLAGS.out
     )
     print(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}")

@@ -1,12 +1,14 @@
 """Benchmark of the core: Gram-Schmidt construction and OCCL cost.
 
     python bench/core.py
+    python bench/core.py --centroids   # only segment_sum vs one-hot matmul
 
 Prints two tables (median wall time of several runs, after compilation).
 """
 
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -84,10 +86,37 @@ def bench_occl(shape=(16, 128, 128, 256), num_classes=150):
         print(f"| {name} | {ms:.0f} |")
 
 
+def bench_centroid_sums():
+    """Per-(view, class) feature sums of OCCL: ``segment_sum`` against a one-hot matmul."""
+    print("\nview-centroid sums, forward+backward (the part of OCCL that reads every pixel)")
+    print("| features | classes | segment_sum (ms) | one-hot matmul (ms) | max abs diff |")
+    print("|---|---|---|---|---|")
+    for shape, n in (((8, 64, 64, 256), 11), ((8, 64, 64, 256), 150), ((16, 128, 128, 256), 150)):
+        kf, ky = jax.random.split(jax.random.key(0))
+        flat = jax.random.normal(kf, shape).reshape(-1, shape[-1])
+        segments = jax.random.randint(ky, (flat.shape[0],), 0, 2 * n + 1)
+
+        def by_segment_sum(f, segments=segments, n=n):
+            return jax.ops.segment_sum(f, segments, num_segments=2 * n + 1)
+
+        def by_one_hot(f, segments=segments, n=n):
+            return jax.nn.one_hot(segments, 2 * n + 1, dtype=f.dtype).T @ f
+
+        times, values = [], []
+        for fn in (by_segment_sum, by_one_hot):
+            grad = jax.jit(jax.value_and_grad(lambda f, fn=fn: jnp.sum(jnp.sin(fn(f)))))
+            times.append(1e3 * timeit(lambda f, g=grad: jax.block_until_ready(g(f)), flat))
+            values.append(jax.jit(fn)(flat))
+        diff = float(jnp.abs(values[0] - values[1]).max())
+        print(f"| {shape} | {n} | {times[0]:.1f} | {times[1]:.1f} | {diff:.1e} |", flush=True)
+
+
 if __name__ == "__main__":
     print(
         f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, "
         f"jax {jax.__version__}, {jax.device_count()} device(s)\n"
     )
-    bench_gram_schmidt()
-    bench_occl()
+    if "--centroids" not in sys.argv:
+        bench_gram_schmidt()
+        bench_occl()
+    bench_centroid_sums()

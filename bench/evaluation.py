@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cbp_jax import evaluation as ev  # noqa: E402
+from cbp_jax import metrics as ev  # noqa: E402
 
 
 def numpy_update(conf, labels, preds, n, ignore=255):
@@ -62,9 +62,11 @@ def bench_case(b, h, w, n, repeats, rng):
         logits = jax.random.normal(jax.random.key(0), (b, h, w, n), jnp.float32)
 
         def ups():
-            return ev._update_from_scores(
-                conf_d, lab_d, logits, num_classes=n, ignore_index=255
-            ).block_until_ready()
+            conf, _ = ev._update_from_scores(
+                conf_d, jnp.zeros((), jnp.int32), lab_d, logits, None, num_classes=n,
+                ignore_index=255,
+            )  # fmt: skip
+            return conf.block_until_ready()
 
         ups()
         arg_rate = pix / median_time(ups, repeats)

@@ -8,8 +8,10 @@
 Both sides run in this one process, on the same shapes and thread count, float32:
 
 - cbp_jax: ``models.create`` + ``train_lib.make_train_step`` under ``jax.jit`` with the
-  state donated, exactly as ``train.py`` runs it. Rows: CBP + OCCL (the default model, mmseg
-  head of width 256) and the same model with a learned classifier and CE only.
+  state donated and the batch sharded over one CPU device per core (``cbp_jax.cpu``;
+  ``--one-device`` for a single device), as ``train.py`` runs it. Rows: CBP + OCCL (the
+  default model, mmseg head of width 256) and the same model with a learned classifier and
+  CE only.
 - PyTorch: transformers' ``SegformerForSemanticSegmentation`` with the same encoder, a
   256-wide decode head, dropout and drop path, AdamW, CE on bilinearly upsampled logits
   (ignore 255). "PyTorch CBP + OCCL" swaps its classifier for frozen prototypes and adds
@@ -34,12 +36,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/, cbp_jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/
+if "--one-device" not in sys.argv:
+    from cbp_jax import cpu
+
+    cpu.use_cores_as_devices()  # as train.py does: the batch sharded over the cores
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from cbp_jax import sharding, train_lib  # noqa: E402
 from cbp_jax.trainer import model_from_config  # noqa: E402
@@ -301,6 +308,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="op-level profile of the jax step")
     ap.add_argument("--no-torch", action="store_true", help="cbp_jax rows only")
     ap.add_argument("--memory", action="store_true", help="B5 batch 2 512x512 memory only")
+    ap.add_argument("--one-device", action="store_true", help="one CPU device for all cores")
     args = ap.parse_args()
     if args.quick:
         args.model, args.batch, args.size, args.steps = "segformer_b0", 8, 256, 6
@@ -312,7 +320,7 @@ def main():
 
     threads = torch.get_num_threads()
     print(
-        f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), "
+        f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices), "
         f"torch {torch.__version__} ({threads} threads), {os.cpu_count()} cores; "
         f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.num_classes} "
         "classes, float32"

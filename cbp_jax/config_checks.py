@@ -75,10 +75,13 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("loss.centroid_weight", _non_negative, "a number >= 0"),
     ("loss.category_weight", _non_negative, "a number >= 0"),
     ("loss.views", _one_of("batch_halves", "random_pixels"), "'batch_halves' or 'random_pixels'"),
+    ("loss.ce_average", _one_of("all", "labelled"), "'all' (mmseg) or 'labelled'"),
     ("checkpoint.every", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
     ("checkpoint.keep", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
     ("eval.every", lambda x: isinstance(x, int) and x >= 0, "an integer >= 0 (0: at the end)"),
     ("eval.mode", _one_of("whole", "slide"), "'whole' or 'slide'"),
+    ("eval.batch_size", lambda x: isinstance(x, int) and x >= 0, "an integer >= 0 (0: per device)"),
+    ("eval.dtype", _one_of("", "float32", "bfloat16", "float16"), "'float32' or '' (model.dtype)"),
 )
 
 

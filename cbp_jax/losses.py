@@ -19,26 +19,51 @@ def _require_integer_labels(labels: jax.Array, name: str = "labels") -> None:
         raise ValueError(f"{name} must have an integer dtype; got {labels.dtype}.")
 
 
-def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255) -> jax.Array:
-    """Mean softmax cross-entropy over labelled pixels; 0 (not NaN) when none is labelled.
+CE_AVERAGES = ("labelled", "all")
+
+
+def pixel_cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    ignore_index: int = 255,
+    *,
+    average: str = "labelled",
+    axis: int = -1,
+) -> jax.Array:
+    """Softmax cross-entropy summed over labelled pixels, divided per ``average``.
+
+    ``average="labelled"``: the mean over labelled pixels (0, not NaN, when none is).
+    ``average="all"``: the sum divided by ALL pixels, ignored ones included, as mmseg's
+    ``CrossEntropyLoss`` does by default (``avg_non_ignore=False``, the setting of the SegFormer
+    and UperNet recipes the paper trained with); the loss then shrinks with the share of
+    ignored pixels, which sets its balance against OCCL and the auxiliary head.
 
     Args:
-      logits: ``(..., N)`` class scores.
-      labels: ``(...)`` integer class ids; ``ignore_index`` marks unlabelled pixels.
+      logits: class scores with the N classes on ``axis``: ``(..., N)`` by default, or e.g.
+        ``(B, N, H, W)`` with ``axis=1`` (faster on CPU for small N: the pixels, not the
+        classes, are then the contiguous axis; docs/benchmarks.md).
+      labels: integer class ids, ``logits``' shape without ``axis``; ``ignore_index`` marks
+        unlabelled pixels.
+      average: ``"labelled"`` or ``"all"``.
     """
-    if logits.shape[:-1] != labels.shape:
+    axis = axis % logits.ndim
+    if logits.shape[:axis] + logits.shape[axis + 1 :] != labels.shape:
         raise ValueError(
-            f"logits {logits.shape} and labels {labels.shape} must agree on all but the last "
-            "axis; resize the logits to the label size first."
+            f"logits {logits.shape} (classes on axis {axis}) and labels {labels.shape} must "
+            "agree on every other axis; resize the logits to the label size first."
         )
+    if average not in CE_AVERAGES:
+        raise ValueError(f"average={average!r} is not one of {CE_AVERAGES}.")
     _require_integer_labels(labels)
     valid = labels != ignore_index
-    safe_labels = jnp.where(valid, labels, 0)
     logits = logits.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
-        logits, safe_labels[..., None], axis=-1
-    ).squeeze(-1)
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    # log-softmax at the label: shift by the (constant) max, then logsumexp - picked logit.
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
+    classes = jax.lax.broadcasted_iota(jnp.int32, shifted.shape, axis)
+    picked = jnp.sum(jnp.where(classes == jnp.expand_dims(labels, axis), shifted, 0.0), axis)
+    nll = jnp.log(jnp.sum(jnp.exp(shifted), axis=axis)) - picked
+    count = jnp.sum(valid) if average == "labelled" else valid.size
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1)
 
 
 def view_assignment(

@@ -4,12 +4,17 @@ The training state and batches are laid out with ``NamedSharding`` on a 2-axis m
 ``("data", "fsdp")``: the batch is split over both axes; parameters and optimizer state are
 replicated, or split over ``"fsdp"`` where a partition rule says so. ``jax.jit`` with these
 shardings does the rest (data parallelism, FSDP all-gathers, global BatchNorm statistics).
+
+Several processes: one process per GPU (SLURM: ``srun --ntasks-per-node=<GPUs per node>
+--gpus-per-task=1``), one per TPU VM host; ``initialize_distributed`` starts them.
 """
 
+import glob
 import math
 import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -19,9 +24,91 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # the batch dimension is split over every mesh axis
 
-# Environment variables that mean "this process is one of several" (SLURM, Open MPI, TPU pods,
-# or JAX's own coordinator variables); JAX's cluster auto-detection handles each of them.
-_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+def detected_cluster() -> tuple[str | None, int | None]:
+    """The launcher JAX's own cluster detection finds, and its process count where the
+    environment says it (SLURM, Open MPI); ``(None, None)`` for a plain process.
+
+    Cloud TPU VMs are found from the GCE metadata server (``gcloud ... --worker=all``) or
+    GKE's ``TPU_WORKER_HOSTNAMES``; their count is left to ``jax.distributed``.
+    """
+    from jax._src.clusters import ClusterEnv  # no public API exposes the detection
+
+    for env in ClusterEnv._cluster_types:  # JAX's own order, opt-in methods excluded
+        if not env.opt_in_only_method and env.is_env_present():
+            count = env.get_process_count() if env.name in ("slurm", "ompi") else None
+            return env.name, count
+    return None, None
+
+
+def _slurm_tasks_per_node(environ: Mapping[str, str]) -> int:
+    """Tasks on this node of a SLURM step (``8(x2)`` / ``8,8`` forms, or tasks / nodes)."""
+    for var in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        if environ.get(var):
+            return int(re.match(r"\d+", environ[var]).group())
+    nodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_JOB_NUM_NODES") or 1)
+    return max(int(environ.get("SLURM_NTASKS", "1")) // nodes, 1)
+
+
+def gpus_on_node(environ: Mapping[str, str] | None = None) -> int:
+    """GPUs of this node, read without starting JAX: SLURM's count, else
+    ``CUDA_VISIBLE_DEVICES``, else the ``/dev/nvidia<N>`` devices."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SLURM_GPUS_ON_NODE"):
+        return int(environ["SLURM_GPUS_ON_NODE"])
+    if environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return len([d for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def launch_plan(
+    environ: Mapping[str, str],
+    cluster: str | None,
+    process_count: int | None,
+    gpus: int,
+    *,
+    coordinator_address: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+) -> str:
+    """How to start: ``"explicit"`` (the three arguments), ``"auto"`` (JAX's cluster
+    detection) or ``"single"`` (no ``jax.distributed``).
+
+    Args:
+      environ: the environment (``os.environ``).
+      cluster, process_count: ``detected_cluster()``.
+      gpus: ``gpus_on_node()``.
+      coordinator_address, num_processes, process_id: ``config.distributed``.
+
+    Raises:
+      ValueError: inconsistent explicit arguments.
+      RuntimeError: a SLURM step with fewer tasks per node than GPUs (JAX's SLURM detection
+        gives each task only its own GPU, so the others would sit idle); the message gives
+        the ``srun`` line to use.
+    """
+    if coordinator_address:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"coordinator_address={coordinator_address!r} needs num_processes >= 1 and "
+                f"0 <= process_id < num_processes; got {num_processes}, {process_id}."
+            )
+        return "explicit"
+    if environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "auto"  # jax.distributed.initialize() reads JAX_* variables itself
+    if cluster is None or (process_count is not None and process_count <= 1):
+        return "single"
+    if cluster == "slurm":
+        tasks = _slurm_tasks_per_node(environ)
+        if tasks < gpus:
+            nodes = environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_JOB_NUM_NODES", "1")
+            raise RuntimeError(
+                f"SLURM runs {tasks} task(s) per node but the node has {gpus} GPUs: JAX's "
+                f"SLURM detection gives each task only its own GPU, so {gpus - tasks} per node "
+                "would sit idle. Launch one task per GPU:\n"
+                f"  srun --nodes={nodes} --ntasks-per-node={gpus} --gpus-per-task=1 "
+                f"python {' '.join(sys.argv) or 'train.py ...'}"
+            )
+    return "auto"
 
 
 def initialize_distributed(
@@ -33,30 +120,32 @@ def initialize_distributed(
     """Starts ``jax.distributed`` when this is one of several processes; no-op otherwise.
 
     With an explicit ``coordinator_address`` the three arguments are used as given (e.g. two
-    processes on one machine: ``localhost:12345``, 2, 0|1). Without it, JAX's cluster
-    auto-detection is used when a multi-process launcher is recognized (TPU pod slices, SLURM,
-    Open MPI, ``JAX_COORDINATOR_ADDRESS``). Returns whether it initialized.
+    processes on one machine: ``localhost:12345``, 2, 0|1). Without it, JAX's own cluster
+    detection decides (``launch_plan``): Cloud TPU VMs and pods (GCE metadata or GKE), SLURM
+    and Open MPI with more than one process, ``JAX_COORDINATOR_ADDRESS``. On SLURM, launch one
+    task per GPU. Returns whether it initialized.
     """
     if jax.distributed.is_initialized():
         return True
-    if coordinator_address:
-        if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(
-                f"coordinator_address={coordinator_address!r} needs num_processes >= 1 and "
-                f"0 <= process_id < num_processes; got {num_processes}, {process_id}."
-            )
+    cluster, count = (None, None) if coordinator_address else detected_cluster()
+    plan = launch_plan(
+        os.environ,
+        cluster,
+        count,
+        gpus_on_node(),
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+    if plan == "single":
+        return False
+    if plan == "explicit":
         if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        return True
-    multi_slice_tpu = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-    if multi_slice_tpu or any(int(os.environ.get(v, "1") or 1) > 1 for v in _MULTIPROCESS_ENV[1:]):
+    else:
         jax.distributed.initialize()
-        return True
-    if os.environ.get(_MULTIPROCESS_ENV[0]):
-        jax.distributed.initialize()
-        return True
-    return False
+    return True
 
 
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

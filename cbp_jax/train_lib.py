@@ -8,6 +8,7 @@ and closed over by the step functions.
 """
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,8 @@ State = dict[str, Any]
 
 HEAD_MODULES = ("head", "classifier", "aux_head", "aux_classifier")
 NORM_TYPES = (nnx.LayerNorm, nnx.BatchNorm, nnx.GroupNorm, nnx.RMSNorm)
+# Norms whose mmseg name holds no "norm": MiT's stage-final LayerNorms (``layers.{i}.2``).
+UNNAMED_NORMS = re.compile(r"^encoder/stages/\d+/norm/")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -74,8 +77,12 @@ def param_groups(model: nnx.Module, params, cfg: ml_collections.ConfigDict):
     - ``head_lr_mult`` for the decode head and classifiers (SegFormer recipe: x10);
     - ``layer_decay`` (ConvNeXt stage-wise, mmseg): ``decay ** (L + 1 - id)`` with id 0 for
       the stem and downsampling layers, ``i + 1`` for stage i, ``L + 1`` for the heads;
-    - no weight decay on normalization-layer parameters (``no_decay_norm``) and, with
-      ``no_decay_1d``, on every 1-D parameter (biases, layer scales).
+    - ``no_decay_norm``: no weight decay on normalization layers, exactly as mmseg's SegFormer
+      recipe (``custom_keys={'head': lr_mult 10, 'norm': decay_mult 0}``) does it: keys match
+      mmseg's parameter names by substring, 'head' first, so the heads' norms ARE decayed
+      (at the head's rate), and so are MiT's stage-final norms, named ``layers.{i}.2``;
+    - ``no_decay_1d``: no weight decay on any 1-D parameter (biases, norms, layer scales;
+      mmseg's ``LearningRateDecayOptimizerConstructor`` for ConvNeXt).
     """
     norm_paths = _norm_paths(model)
 
@@ -88,7 +95,10 @@ def param_groups(model: nnx.Module, params, cfg: ml_collections.ConfigDict):
             layer_id = cfg.layer_decay_num_layers + 1 if layer_id is None else layer_id
             lr_mult *= cfg.layer_decay ** (cfg.layer_decay_num_layers + 1 - layer_id)
         in_norm = any(parts[: len(p)] == tuple(map(str, p)) for p in norm_paths)
-        decay = not (cfg.no_decay_norm and in_norm) and not (cfg.no_decay_1d and np.ndim(leaf) <= 1)
+        mmseg_norm = in_norm and not is_head and not UNNAMED_NORMS.match("/".join(parts))
+        decay = not (cfg.no_decay_norm and mmseg_norm) and not (
+            cfg.no_decay_1d and np.ndim(leaf) <= 1
+        )
         return float(lr_mult), bool(decay)
 
     groups = jax.tree_util.tree_map_with_path(group, params)
@@ -155,8 +165,15 @@ class LossConfig:
     category_weight: float = 0.1
     views: str = "batch_halves"
     aux_weight: float = 0.4
+    ce_average: str = "all"  # "all" pixels (mmseg's default) | "labelled" ones
     ignore_index: int = 255
     seed: int = 0  # for views="random_pixels"
+
+    def __post_init__(self):
+        if self.ce_average not in losses.CE_AVERAGES:
+            raise ValueError(
+                f"config.loss.ce_average={self.ce_average!r}; use one of {losses.CE_AVERAGES}."
+            )
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
@@ -169,6 +186,7 @@ class LossConfig:
             category_weight=loss.category_weight,
             views=loss.views,
             aux_weight=loss.aux_weight,
+            ce_average=loss.ce_average,
             seed=config.seed,
         )
 
@@ -193,6 +211,19 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> State:
 # ----------------------------------------------------------------------------- steps
 
 
+def upsampled_cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = 255, average: str = "all"
+) -> jax.Array:
+    """Pixel CE of ``logits`` (B, h, w, N) bilinearly upsampled to ``labels`` (B, H, W),
+    averaged as :func:`cbp_jax.losses.pixel_cross_entropy` says for ``average``.
+
+    mmseg's order (resize the logits, then the loss), computed channels-first so that the
+    resize and the softmax run along contiguous pixel rows instead of N-wide class vectors.
+    """
+    logits = resize_bilinear(jnp.moveaxis(logits, -1, 1), labels.shape[1:3], axes=(2, 3))
+    return losses.pixel_cross_entropy(logits, labels, ignore_index, average=average, axis=1)
+
+
 def segmentation_loss(
     out: dict[str, jax.Array],
     labels: jax.Array,
@@ -208,8 +239,7 @@ def segmentation_loss(
       prototypes: ``(N, C)`` the classifier's class weights (targets of OCCL's category term).
       key: PRNG key for ``views="random_pixels"``.
     """
-    size = labels.shape[1:3]
-    ce = losses.pixel_cross_entropy(resize_bilinear(out["logits"], size), labels, cfg.ignore_index)
+    ce = upsampled_cross_entropy(out["logits"], labels, cfg.ignore_index, cfg.ce_average)
     metrics = {"ce": ce}
     total = ce
     if cfg.occl:
@@ -227,9 +257,7 @@ def segmentation_loss(
         total += cfg.centroid_weight * terms.centroid + cfg.category_weight * terms.category
         metrics |= {"occl_centroid": terms.centroid, "occl_category": terms.category}
     if "aux_logits" in out:
-        aux = losses.pixel_cross_entropy(
-            resize_bilinear(out["aux_logits"], size), labels, cfg.ignore_index
-        )
+        aux = upsampled_cross_entropy(out["aux_logits"], labels, cfg.ignore_index, cfg.ce_average)
         total += cfg.aux_weight * aux
         metrics["aux_ce"] = aux
     return total, metrics

@@ -1,4 +1,4 @@
-"""The training loop behind ``train.py`` and the evaluation behind ``eval.py``.
+"""The training loop behind ``train.py`` and the factories a run builds from its config.
 
 Phases: (1) devices and processes, (2) data, (3) model, optimizer and sharded state,
 (4) resume or pretrained init, (5) the jitted step loop with logging, checkpoints,
@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from cbp_jax import checkpointing, config_checks, evaluation, models, sharding, train_lib
+from cbp_jax import checkpointing, config_checks, eval_lib, models, sharding, train_lib
 from cbp_jax import data as data_lib
 from cbp_jax import preemption as preemption_lib
 from cbp_jax import workdir as workdir_lib
@@ -222,154 +222,6 @@ STOP_ERRORS = (
 )
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate_state(
-    config: ml_collections.ConfigDict,
-    graphdef,
-    state,
-    *,
-    out_dir: str | None = None,
-    progress: bool = True,
-    extra: dict | None = None,
-) -> dict[str, Any]:
-    """Evaluates ``state`` on ``config.data.eval_split``; writes a report if ``out_dir``.
-
-    Each process evaluates its share of the images on its first local device with a host
-    copy of the state; the confusion matrices are summed over processes.
-    """
-    host_state = _host_copy({k: state[k] for k in ("params", "model_state")})
-    device = jax.local_devices()[0]
-    local_mesh = jax.make_mesh(
-        (1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=[device]
-    )
-    with jax.set_mesh(local_mesh):
-        return _evaluate_on_device(config, graphdef, host_state, device, out_dir, progress, extra)
-
-
-def _host_copy(tree):
-    """NumPy copy of a (possibly multi-host sharded) pytree, typed PRNG keys included."""
-    from jax.experimental import multihost_utils
-
-    raw = checkpointing.keys_as_data(tree)
-    if jax.process_count() > 1:
-        raw = multihost_utils.process_allgather(raw, tiled=True)
-    else:
-        raw = jax.device_get(raw)
-    return checkpointing.keys_from_data(raw, tree)
-
-
-def _evaluate_on_device(config, graphdef, host_state, device, out_dir, progress, extra):
-    e = config.eval
-    local_state = jax.device_put(host_state, device)
-    predict = jax.jit(train_lib.make_predict_fn(graphdef))
-
-    def logits_fn(images):
-        return predict(local_state, jax.device_put(images, device))
-
-    source = source_from_config(config, config.data.eval_split)
-    transform = data_lib.test_transform(
-        tuple(config.data.test_scale), aligned=config.data.aligned_resize
-    )
-    examples = (
-        {"image": ex["image"], "label": ex["label"][None]}
-        for ex in data_lib.eval_examples(source, transform)
-    )
-    total = len(source)
-    if e.max_images:
-        examples = (ex for ex, _ in zip(examples, range(e.max_images), strict=False))
-        total = min(total, e.max_images)
-    total = -(-total // jax.process_count())
-    write_panels = out_dir is not None and jax.process_index() == 0 and e.num_panels > 0
-    metrics = evaluation.evaluate(
-        logits_fn,
-        examples,
-        num_classes=config.data.num_classes,
-        mode=e.mode,
-        crop=tuple(e.crop) if e.mode == "slide" else None,
-        stride=tuple(e.stride) if e.mode == "slide" else None,
-        ratios=tuple(e.ratios),
-        flip=e.flip,
-        panel_dir=os.path.join(out_dir, "panels") if write_panels else None,
-        num_panels=e.num_panels if write_panels else 0,
-        palette=np.asarray(source.palette, np.uint8),
-        progress=progress and jax.process_index() == 0,
-        total=total,
-    )
-    classifier = nnx.merge(graphdef, local_state["params"], local_state["model_state"]).classifier
-    weights = np.asarray(classifier.class_weights())
-    analysis = evaluation.prototype_analysis(weights)
-    # Fig. 5 groups classes by pixel frequency; the evaluated split's own label counts stand
-    # in for the training counts (they come free with the confusion matrix).
-    groups = evaluation.f1_by_frequency_groups(
-        np.asarray(metrics["F1"]),
-        np.asarray(metrics["label_area"]),
-        num_groups=config.eval.frequency_groups,
-        class_names=source.class_names,
-    )
-    if out_dir is not None and jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        evaluation.save_similarity_heatmap(os.path.join(out_dir, "prototype_cosine.png"), weights)
-        evaluation.write_report(
-            os.path.join(out_dir, "report.json"),
-            metrics,
-            source.class_names,
-            extra={
-                "prototype_analysis": analysis,
-                "f1_by_frequency_groups": groups,
-                "frequency_groups_counted_on": config.data.eval_split,
-                **(extra or {}),
-            },
-        )
-        print(evaluation.format_class_table(metrics, source.class_names))
-    return metrics | {"prototype_analysis": analysis, "f1_by_frequency_groups": groups}
-
-
-def evaluate_checkpoint(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    step: int | None = None,
-    weights: str | None = None,
-    out_dir: str | None = None,
-) -> dict[str, Any]:
-    """Evaluates the workdir's checkpoint ``step`` (default latest), or ``weights`` if given."""
-    sharding.initialize_distributed(**config.distributed)
-    mesh = mesh_from_config(config)
-    with jax.set_mesh(mesh):
-        setup = Setup(config, mesh)
-        state = setup.init_state()
-        if weights:
-            state = setup.load_pretrained(state, weights)
-            label = "weights"
-        else:
-            checkpointer = checkpointing.Checkpointer(
-                os.path.join(workdir, "checkpoints"), every=1, async_save=False
-            )
-            step = checkpointer.latest_step() if step is None else step
-            if step is None:
-                raise FileNotFoundError(
-                    f"No checkpoint in {checkpointer.directory}. Train first "
-                    f"(python train.py --config ... --workdir {workdir}) or pass --weights."
-                )
-            if step not in checkpointer.manager.all_steps():
-                raise FileNotFoundError(
-                    f"No checkpoint of step {step} in {checkpointer.directory}; it has steps "
-                    f"{sorted(checkpointer.manager.all_steps())}."
-                )
-            state, _ = checkpointer.restore(step, state)
-            checkpointer.close()
-            label = f"step {step}"
-        print(f"Evaluating {label} on {config.data.dataset}/{config.data.eval_split}")
-        out_dir = out_dir or os.path.join(
-            workdir, f"eval_{step if step is not None else 'weights'}"
-        )
-        return evaluate_state(
-            config, setup.graphdef, state, out_dir=out_dir, extra={"evaluated": label}
-        )
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -424,9 +276,12 @@ def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
         num_workers=d.num_workers,
     )
 
-    # 3. Model, optimizer, sharded state.
+    # 3. Model, optimizer, sharded state, and the evaluator (compiled once per run).
     setup = Setup(config, mesh)
     state = setup.init_state()
+    evaluator = eval_lib.Evaluator(
+        config, mesh, setup.state_shardings, source_from_config(config, d.eval_split)
+    )
 
     # 4. Resume (from the newest checkpoint that restores), or start from pretrained weights.
     checkpointer = checkpointing.Checkpointer(
@@ -489,13 +344,13 @@ def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
                 break
             if config.eval.every and step % config.eval.every == 0 and not last:
                 out = os.path.join(workdir, f"eval_{step}")
-                ev = evaluate_state(config, setup.graphdef, state, out_dir=out)
+                ev = evaluator(state, out_dir=out)
                 writer.write(step, {f"eval/{k}": ev[k] for k in ("mIoU", "mAcc", "aAcc")})
         checkpointer.wait()
         summary |= {"step": step, "losses": losses}
         if step == config.total_steps and not summary.get("preempted"):
             out = os.path.join(workdir, "eval")
-            ev = evaluate_state(config, setup.graphdef, state, out_dir=out, extra={"step": step})
+            ev = evaluator(state, out_dir=out, extra={"step": step})
             writer.write(step, {f"eval/{k}": ev[k] for k in ("mIoU", "mAcc", "aAcc")})
             summary["eval"] = {k: ev[k] for k in ("mIoU", "mAcc", "aAcc")}
             print(

@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.category_weight = 0.1  # phi
     c.loss.views = "batch_halves"  # "batch_halves" | "random_pixels"
     c.loss.aux_weight = 0.4  # UperNet's auxiliary FCN head
+    # CE divided by "all" pixels of the batch, ignored ones included (mmseg's default,
+    # avg_non_ignore=False, which the paper trained with) or by the "labelled" ones.
+    c.loss.ce_average = "all"
 
     # optimizer and schedule (mmseg SegFormer recipe)
     c.optimizer = ml_collections.ConfigDict()
@@ -104,6 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.stride = (341, 341)
     c.eval.ratios = (1.0,)
     c.eval.flip = False
+    c.eval.batch_size = 0  # global images per evaluation step; 0: one per device
+    c.eval.dtype = "float32"  # compute dtype at test time (mmseg: float32); "": model.dtype
     c.eval.max_images = 0  # 0: the whole split
     c.eval.num_panels = 8
     c.eval.frequency_groups = 3  # Fig. 5: F1 by class-frequency groups (paper: 15 on ADE20K)

@@ -140,56 +140,52 @@ def test_bad_example_raises_or_is_skipped(tmp_path, caplog):
     assert "ADE_train_00000002.jpg" in caplog.text and "bad example(s) skipped" in caplog.text
     # Evaluation never replaces a bad example (it would count another one twice).
     et = data.test_transform((64, 32))
-    with data.make_eval_loader(
-        src, et, global_batch_size=4, image_size=(64, 64), label_size=(64, 80)
-    ) as ld:
-        b = next(ld)
-    assert b["valid"].tolist() == [True, True, False, True]
-    assert b["index"].tolist() == [0, 1, -1, 3]
-    assert [ex["index"] for ex in data.eval_examples(src, et)] == [0, 1, 3]
+    with data.make_eval_loader(src, et, global_batch_size=4) as ld:
+        indices = [i for b in ld for i in b["index"][b["valid"]].tolist()]
+    assert sorted(indices) == [0, 1, 3]
 
 
-def test_eval_loader_pads_and_covers_each_example_once(tmp_path):
-    make_ade20k(str(tmp_path), n_val=5)
+def test_eval_loader_batches_same_sizes_and_covers_each_example_once(tmp_path):
+    make_ade20k(str(tmp_path), n_val=5)  # five different image sizes
     src = data.make_source("ade20k", str(tmp_path), "val")
     et = data.test_transform((64, 32))
-    ld = data.make_eval_loader(
-        src, et, global_batch_size=8, mesh=_mesh(), image_size=(64, 64), label_size=(64, 80)
-    )
-    assert len(ld) == 1
-    batches = list(ld)
-    assert len(batches) == 1
-    b = jax.tree.map(np.asarray, {k: v for k, v in batches[0].items() if k != "name"})
-    assert b["valid"].tolist() == [True] * 5 + [False] * 3
-    assert b["index"].tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
-    assert batches[0]["name"][:5] == src.names and b["label"].dtype == np.int32
-    for i in range(5):
-        ex = src[i]
-        h, w = ex["label"].shape
-        assert b["label_hw"][i].tolist() == [h, w]
-        np.testing.assert_array_equal(b["label"][i, :h, :w], ex["label"])
-        assert np.all(b["label"][i, h:] == 255) and np.all(b["label"][i, :, w:] == 255)
-        ih, iw = b["image_hw"][i]
-        assert (ih, iw) == et.output_size((h, w))
-        np.testing.assert_allclose(b["image"][i, :ih, :iw], et(ex)["image"], rtol=1e-6)
-        assert np.all(b["image"][i, ih:] == 0)
-    assert np.all(b["label"][5:] == 255)
-    small = data.make_eval_loader(
-        src, et, global_batch_size=1, image_size=(16, 16), label_size=(64, 80)
-    )
-    with pytest.raises(ValueError, match="exceed image_size=.*pass larger sizes"):
-        next(small)
-    small.close()
+    with data.make_eval_loader(src, et, global_batch_size=8, mesh=_mesh()) as ld:
+        batches = list(ld)
+    assert len(batches) == 5  # one chunk of 8 slots, one global batch per size
+    seen = []
+    for batch in batches:
+        b = jax.tree.map(np.asarray, {k: v for k, v in batch.items() if k != "name"})
+        assert b["image"].shape[0] == 8 and b["label"].dtype == np.int32
+        assert b["valid"].sum() == 1
+        (i,) = np.flatnonzero(b["valid"])
+        index = int(b["index"][i])
+        ex = src[index]
+        np.testing.assert_array_equal(b["label"][i], ex["label"])
+        np.testing.assert_allclose(b["image"][i], et(ex)["image"], rtol=1e-6)
+        assert batch["name"][i] == ex["name"]
+        padding = ~b["valid"]
+        assert np.all(b["label"][padding] == 255) and np.all(b["image"][padding] == 0)
+        assert np.all(b["index"][padding] == -1)
+        seen.append(index)
+    assert sorted(seen) == list(range(5))
+    keys = [(b["image"].shape[1:3], b["label"].shape[1:3]) for b in batches]
+    assert keys == sorted(keys)  # sorted: every process builds the same sequence
 
 
-def test_eval_examples_shards():
+def test_eval_loader_shards_chunks_over_processes():
     src = data.make_source("scenes", split="val", num_images=5)
     et = data.test_transform((160, 120))
     seen = []
     for p in range(2):
         opts = data.loader.grain.sharding.ShardOptions(shard_index=p, shard_count=2)
-        for ex in data.eval_examples(src, et, shard_options=opts):
-            assert ex["image"].shape == (1, 120, 160, 3)
-            np.testing.assert_array_equal(ex["label"], src[ex["index"]]["label"])
-            seen.append(ex["index"])
+        with data.make_eval_loader(src, et, global_batch_size=4, shard_options=opts) as ld:
+            batches = list(ld)
+        # Chunks [0..3] and [4]: slots 2p, 2p + 1 of each. Simulated shards share no sizes
+        # (one JAX process); real processes all-gather them and build the same batches.
+        assert len(batches) == 2 - p
+        for b in batches:
+            assert b["image"].shape == (2, 120, 160, 3)
+            for i in np.flatnonzero(b["valid"]):
+                np.testing.assert_array_equal(b["label"][i], src[b["index"][i]]["label"])
+                seen.append(int(b["index"][i]))
     assert sorted(seen) == list(range(5))

@@ -38,8 +38,7 @@ with data.make_train_loader(src, tt, global_batch_size=4, mesh=mesh, seed=7) as 
         out.append([np.asarray(sums).tolist(), np.asarray(labels).tolist()])
 et = data.test_transform((160, 120))
 val = data.make_source("scenes", split="val", num_images=5)
-with data.make_eval_loader(val, et, global_batch_size=4, mesh=mesh, image_size=(120, 160),
-                           label_size=(120, 160)) as loader:
+with data.make_eval_loader(val, et, global_batch_size=4, mesh=mesh) as loader:
     for batch in loader:
         index = jax.jit(lambda x: x, out_shardings=replicated)(batch["index"])
         labels = jax.jit(lambda x: x.sum(axis=(1, 2)), out_shardings=replicated)(batch["label"])
@@ -87,10 +86,7 @@ def test_two_processes_build_the_single_process_batches():
             )
             np.testing.assert_array_equal(outs[0][step][1], batch["label"].sum(axis=(1, 2)))
     val = data.make_source("scenes", split="val", num_images=5)
-    with data.make_eval_loader(
-        val, data.test_transform((160, 120)), global_batch_size=4, image_size=(120, 160),
-        label_size=(120, 160),
-    ) as loader:  # fmt: skip
+    with data.make_eval_loader(val, data.test_transform((160, 120)), global_batch_size=4) as loader:
         for step, batch in enumerate(loader, start=3):
             assert outs[0][step][0] == batch["index"].tolist()
             np.testing.assert_array_equal(

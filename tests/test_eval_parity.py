@@ -8,7 +8,7 @@ from flax import nnx
 from torch.nn import functional as F
 from torch_refs import images, randomize_
 
-from cbp_jax import evaluation, models, weights
+from cbp_jax import eval_lib, models, weights
 
 pytestmark = pytest.mark.parity
 
@@ -39,7 +39,7 @@ def test_converted_hf_segformer_predicts_the_same_classes(tmp_path):
 
     # The evaluation pipeline, with PyTorch's predictions as ground truth: every pixel agrees.
     examples = [{"image": x[i], "label": hf_classes[i]} for i in range(3)]
-    metrics = evaluation.evaluate(
+    metrics = eval_lib.evaluate(
         lambda images: logits_fn(model, images), examples, num_classes=num_classes, progress=False
     )
     assert metrics["aAcc"] >= 99.99, metrics["aAcc"]

@@ -88,6 +88,11 @@ def test_pixel_ce_matches_numpy_and_ignores():
     labels[0, :2] = 255
     got = losses.pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
     np.testing.assert_allclose(got, np_pixel_ce(logits, labels), rtol=1e-5)
+    # mmseg's default (avg_non_ignore=False): the same sum over all 40 pixels, 8 ignored.
+    got_all = losses.pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), average="all")
+    np.testing.assert_allclose(got_all, np_pixel_ce(logits, labels) * 32 / 40, rtol=1e-5)
+    with pytest.raises(ValueError, match="average='pixels' is not one of"):
+        losses.pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), average="pixels")
 
 
 def test_pixel_ce_is_zero_without_labels_and_grad_finite():

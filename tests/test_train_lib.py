@@ -1,5 +1,7 @@
 """Optimizer recipes, schedules, the train step's variants, pretrained init, mesh set-up."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,13 +141,107 @@ def _groups(config):
     return names(lr), names(decay)
 
 
-def test_segformer_groups_head_x10_and_no_decay_on_norms():
-    lr, decay = _groups(load_config("ade20k_mit_b0", "smoke"))
-    assert lr["head/fuse/conv/kernel"] == 10.0 and lr["encoder/stages/0/norm/scale"] == 1.0
-    assert decay["encoder/stages/0/norm/scale"] is False
-    assert decay["head/fuse/bn/bias"] is False
-    assert decay["encoder/stages/0/blocks/0/attn/q/kernel"] is True
-    assert decay["encoder/stages/0/blocks/0/attn/q/bias"] is True  # mmseg decays biases here
+# Our parameter paths -> mmseg 1.x names (EncoderDecoder: backbone / decode_head /
+# auxiliary_head), written from mmseg's MixVisionTransformer and mmpretrain's ConvNeXt.
+_MMSEG_NAMES = [
+    (r"^encoder/stages/(\d+)/patch_embed/proj/", r"backbone.layers.\1.0.projection."),
+    (r"^encoder/stages/(\d+)/patch_embed/norm/", r"backbone.layers.\1.0.norm."),
+    (
+        r"^encoder/stages/(\d+)/blocks/(\d+)/attn/[qkv]/kernel",
+        r"backbone.layers.\1.1.\2.attn.attn.in_proj_weight",
+    ),
+    (
+        r"^encoder/stages/(\d+)/blocks/(\d+)/attn/[qkv]/bias",
+        r"backbone.layers.\1.1.\2.attn.attn.in_proj_bias",
+    ),
+    (
+        r"^encoder/stages/(\d+)/blocks/(\d+)/attn/proj/",
+        r"backbone.layers.\1.1.\2.attn.attn.out_proj.",
+    ),
+    (r"^encoder/stages/(\d+)/blocks/(\d+)/attn/sr/", r"backbone.layers.\1.1.\2.attn.sr."),
+    (r"^encoder/stages/(\d+)/blocks/(\d+)/attn/sr_norm/", r"backbone.layers.\1.1.\2.attn.norm."),
+    (r"^encoder/stages/(\d+)/blocks/(\d+)/mlp/fc1/", r"backbone.layers.\1.1.\2.ffn.layers.0."),
+    (r"^encoder/stages/(\d+)/blocks/(\d+)/mlp/dwconv/", r"backbone.layers.\1.1.\2.ffn.layers.1."),
+    (r"^encoder/stages/(\d+)/blocks/(\d+)/mlp/fc2/", r"backbone.layers.\1.1.\2.ffn.layers.4."),
+    (r"^encoder/stages/(\d+)/blocks/(\d+)/(norm[12])/", r"backbone.layers.\1.1.\2.\3."),
+    (r"^encoder/stages/(\d+)/norm/", r"backbone.layers.\1.2."),  # MiT's stage-final norm
+    (r"^encoder/stem_conv/", "backbone.downsample_layers.0.0."),
+    (r"^encoder/stem_norm/", "backbone.downsample_layers.0.1."),
+    (r"^encoder/stages/(\d+)/down_norm/", r"backbone.downsample_layers.\1.0."),
+    (r"^encoder/stages/(\d+)/down_conv/", r"backbone.downsample_layers.\1.1."),
+    (r"^encoder/stages/(\d+)/blocks/(\d+)/gamma", r"backbone.stages.\1.\2.gamma"),
+    (r"^encoder/stages/(\d+)/blocks/(\d+)/(\w+)/", r"backbone.stages.\1.\2.\3."),
+    (r"^encoder/out_norms/(\d+)/", r"backbone.norm\1."),
+    (r"^classifier/linear/", "decode_head.conv_seg."),
+    (r"^aux_classifier/linear/", "auxiliary_head.conv_seg."),
+    (r"^head/(.*)/", r"decode_head.\1."),
+    (r"^aux_head/(.*)/", r"auxiliary_head.\1."),
+]
+
+
+def _mmseg_name(path: str) -> str:
+    for pattern, replacement in _MMSEG_NAMES:
+        name, hits = re.subn(pattern, replacement, path)
+        if hits:
+            name = name.replace("/", ".")
+            return re.sub(r"\.(kernel|scale)$", ".weight", name)
+    raise AssertionError(f"no mmseg name for {path}")
+
+
+def _mmseg_segformer_group(name: str) -> tuple[float, bool]:
+    """mmengine DefaultOptimWrapperConstructor with the SegFormer recipe's custom_keys."""
+    custom = {"pos_block": (1.0, 0.0), "norm": (1.0, 0.0), "head": (10.0, 1.0)}
+    for key in sorted(sorted(custom), key=len, reverse=True):  # mmengine's precedence
+        if key in name:
+            lr_mult, decay_mult = custom[key]
+            return lr_mult, decay_mult > 0
+    return 1.0, True
+
+
+def _mmseg_convnext_group(name: str, ndim: int) -> tuple[float, bool]:
+    """mmseg LearningRateDecayOptimizerConstructor, stage_wise, decay_rate 0.9, 12 layers."""
+    num_layers = 12 + 2
+    if name.startswith("backbone.downsample_layers"):
+        layer_id = 0
+    elif name.startswith("backbone.stages"):
+        layer_id = int(name.split(".")[2]) + 1
+    else:
+        layer_id = num_layers - 1
+    decay = not (ndim == 1 or name.endswith(".bias"))
+    return 0.9 ** (num_layers - layer_id - 1), decay
+
+
+@pytest.mark.parametrize(
+    "name,model,rule",
+    [
+        ("ade20k_mit_b0", "segformer_b0", "segformer"),
+        ("ade20k_convnext_base", "upernet_convnext_tiny", "convnext"),
+    ],
+)
+def test_param_groups_are_mmsegs_for_every_parameter(name, model, rule):
+    config = load_config(name, "baseline")  # the learned classifier has parameters too
+    config.model.name = model
+    abstract = nnx.eval_shape(lambda: trainer.model_from_config(config))
+    _, params, _ = train_lib.split_model(abstract)
+    lr, decay = _groups(config)
+    shapes = {
+        sharding.path_name(p).removesuffix("/value"): v.shape
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+    mine, mmseg = {}, {}
+    for path, shape in shapes.items():
+        mmseg_name = _mmseg_name(path)
+        if rule == "segformer":
+            mmseg[path] = _mmseg_segformer_group(mmseg_name)
+        else:
+            mmseg[path] = _mmseg_convnext_group(mmseg_name, len(shape))
+        mine[path] = (pytest.approx(lr[path], rel=1e-6), decay[path])
+    assert len(mine) == len(shapes) > 100
+    assert mine == mmseg
+    if rule == "segformer":  # the two places where mmseg's substring rule bites
+        assert mmseg["encoder/stages/0/norm/scale"] == (1.0, True)  # layers.0.2: decayed
+        assert mmseg["head/fuse/bn/scale"] == (10.0, True)  # 'head' before 'norm'
+        assert mmseg["encoder/stages/0/blocks/0/norm1/scale"] == (1.0, False)
 
 
 def test_convnext_stagewise_decay_and_no_decay_on_1d():
@@ -246,6 +342,9 @@ def test_mesh_from_config_and_errors():
     config = _tiny()
     config.batch_size = 6
     config.mesh.update(data=-1, num_devices=0)
+    # One process on CPU (one device per core): as many devices as divide the batch.
+    assert trainer.mesh_from_config(config).devices.size == 6
+    config.mesh.num_devices = 8  # asked for explicitly: the batch must divide
     with pytest.raises(ValueError, match="batch_size=6 must divide evenly over 8 devices"):
         trainer.train_and_evaluate(config, "/nonexistent/never-created")
 

@@ -34,11 +34,10 @@ processes; device prefetch; exact resume)::
 
 Evaluation::
 
-    for ex in eval_examples(source, et):   # per image, this process's share
-        ex["image"]  # f32 (1, h, w, 3);  ex["label"]: u8 (H, W) original size
-    loader = make_eval_loader(source, et, global_batch_size=8, mesh=mesh,
-                              image_size=(512, 2048), label_size=(2048, 2048))
-    # padded fixed-shape global batches with "image_hw", "label_hw", "valid", "name"
+    loader = make_eval_loader(source, et, global_batch_size=8, mesh=mesh)
+    for batch in loader:   # one global batch per image size in each chunk of 8 examples
+        batch["image"]  # f32 (8, h, w, 3); "label" i32 (8, H, W) original size;
+        batch["valid"]  # bool (8,): False marks padding, counted nowhere
 
 Bad data: sources check their layout when created (missing folder -> the expected
 layout; unpaired files -> the first names) and every example when read (unreadable
@@ -58,7 +57,6 @@ from __future__ import annotations
 from cbp_jax.data.loader import (
     EvalLoader,
     TrainLoader,
-    eval_examples,
     make_eval_loader,
     make_train_loader,
 )
@@ -162,7 +160,6 @@ __all__ = [
     "TrainLoader",
     "TrainTransform",
     "dataset_info",
-    "eval_examples",
     "make_eval_loader",
     "make_source",
     "make_train_loader",

@@ -23,7 +23,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -422,61 +422,75 @@ def make_train_loader(
 
 @dataclasses.dataclass
 class _EvalExample:
-    """Global index -> test-transformed example padded to fixed sizes."""
+    """Local element k -> test-transformed example of this process's slot, at its own size."""
 
     source: Any
     transform: Callable
     global_batch_size: int
     local_batch_size: int
     shard_index: int
-    image_size: tuple[int, int]
-    label_size: tuple[int, int]
+    num_examples: int
     skip_bad_examples: bool
 
     def __call__(self, k: int) -> dict:
-        step, slot = divmod(int(k), self.local_batch_size)
-        index = step * self.global_batch_size + self.shard_index * self.local_batch_size + slot
-        h, w = self.image_size
-        lh, lw = self.label_size
-        image = np.zeros((h, w, 3), np.float32)
-        label = np.full((lh, lw), IGNORE_INDEX, np.uint8)
-        zero = np.zeros(2, np.int32)
-        padding = {"image": image, "label": label, "image_hw": zero, "label_hw": zero,
-                   "valid": np.bool_(False), "index": np.int32(-1), "name": ""}  # fmt: skip
-        if index >= len(self.source):
-            return padding
+        chunk, slot = divmod(int(k), self.local_batch_size)
+        index = chunk * self.global_batch_size + self.shard_index * self.local_batch_size + slot
+        absent = {"image": np.zeros((0, 0, 3), np.float32), "label": np.zeros((0, 0), np.uint8),
+                  "index": np.int32(-1), "name": ""}  # fmt: skip
+        if index >= self.num_examples:
+            return absent
         try:
             example = self.source[index]
         except BadExampleError as e:
             if not self.skip_bad_examples:
                 raise
-            # Counted once as an invalid slot; never replaced, so nothing counts twice.
+            # Left out of the metrics (an empty slot); never replaced, so nothing counts twice.
             log.warning("eval: skipping bad example %d: %s", index, e)
-            return padding
+            return absent
         out = self.transform(example)
-        img, lab = out["image"], out["label"]
-        name = example["name"]
-        if img.shape[0] > h or img.shape[1] > w or lab.shape[0] > lh or lab.shape[1] > lw:
-            raise ValueError(
-                f"eval example {name!r}: resized image {img.shape[:2]} / label {lab.shape} "
-                f"(H, W) exceed image_size={self.image_size} / label_size={self.label_size}; "
-                "pass larger sizes to make_eval_loader"
-            )
-        image[: img.shape[0], : img.shape[1]] = img
-        label[: lab.shape[0], : lab.shape[1]] = lab
         return {
-            "image": image,
-            "label": label,
-            "image_hw": np.asarray(img.shape[:2], np.int32),
-            "label_hw": np.asarray(lab.shape, np.int32),
-            "valid": np.bool_(True),
+            "image": np.asarray(out["image"], np.float32),
+            "label": np.asarray(out["label"]),
             "index": np.int32(index),
-            "name": name,
+            "name": example["name"],
         }
 
 
+def _size_key(example: dict) -> tuple[int, int, int, int]:
+    """(image h, w, label h, w); -1s for an empty slot."""
+    if example["index"] < 0:
+        return (-1, -1, -1, -1)
+    return (*example["image"].shape[:2], *example["label"].shape[:2])
+
+
+def _all_size_keys(local_keys: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The distinct size keys of one chunk over every process, sorted (the same everywhere)."""
+    keys = np.asarray(local_keys, np.int32)
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        keys = np.asarray(multihost_utils.process_allgather(keys)).reshape(-1, 4)
+    return sorted({tuple(int(v) for v in k) for k in keys if k[0] >= 0})
+
+
+def _pad_group(examples: list[dict], key: tuple[int, ...], size: int) -> dict:
+    """This process's ``size`` slots of one same-size global batch: ``examples`` then padding
+    (image 0, label 255, ``valid`` False)."""
+    h, w, lh, lw = key
+    image = np.zeros((size, h, w, 3), np.float32)
+    label = np.full((size, lh, lw), IGNORE_INDEX, np.int32)
+    valid = np.zeros(size, bool)
+    index = np.full(size, -1, np.int32)
+    for i, ex in enumerate(examples):
+        image[i], label[i], valid[i], index[i] = ex["image"], ex["label"], True, ex["index"]
+    names = [ex["name"] for ex in examples] + [""] * (size - len(examples))
+    return {"image": image, "label": label, "valid": valid, "index": index, "name": names}
+
+
 class EvalLoader(_BaseLoader):
-    """One pass over a split in padded global batches; see ``make_eval_loader``."""
+    """One pass over a split in same-size global batches; see ``make_eval_loader``."""
 
     def __init__(
         self,
@@ -484,10 +498,9 @@ class EvalLoader(_BaseLoader):
         transform: Callable,
         *,
         global_batch_size: int,
-        image_size: tuple[int, int],
-        label_size: tuple[int, int],
         mesh=None,
         data_axis: str | tuple[str, ...] = "data",
+        num_examples: int | None = None,
         num_workers: int = 0,
         read_threads: int = 1,
         prefetch: int = 2,
@@ -495,47 +508,49 @@ class EvalLoader(_BaseLoader):
         skip_bad_examples: bool | None = None,
     ):
         shard_index, shard_count = _shard(shard_options)
-        b = _check_batch(global_batch_size, shard_count, mesh, data_axis)
+        self.local_batch_size = b = _check_batch(global_batch_size, shard_count, mesh, data_axis)
         if skip_bad_examples is None:
             skip_bad_examples = bool(getattr(source, "skip_bad_examples", False))
-        self.num_batches = -(-len(source) // global_batch_size)
+        n = len(source) if not num_examples else min(int(num_examples), len(source))
+        self.num_examples = n
+        self.num_chunks = -(-n // global_batch_size)
         fn = _EvalExample(
-            source,
-            transform,
-            global_batch_size,
-            b,
-            shard_index,
-            tuple(image_size),
-            tuple(label_size),
-            skip_bad_examples,
+            source, transform, global_batch_size, b, shard_index, n, skip_bad_examples
         )
-        ds = grain.MapDataset.range(self.num_batches * b).map(fn).batch(b)
-        if mesh is None:
-            convert = lambda batch: batch
-        else:
+        ds = grain.MapDataset.range(self.num_chunks * b).map(fn)
+        self._sharding = None
+        if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec
 
-            sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+            self._sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+        self._batches: list[dict] = []
+        self._start(ds, num_workers, read_threads, lambda example: example, prefetch)
 
-            def convert(batch):
-                names = batch.pop("name")
-                out = _to_global({**batch, "label": batch["label"].astype(np.int32)}, sharding)
-                out["name"] = [str(n) for n in names]  # this process's names, in its slot order
-                return out
-
-        self._start(ds, num_workers, read_threads, convert, prefetch)
-
-    def __len__(self) -> int:
-        return self.num_batches
+    def _next_chunk(self) -> None:
+        """Reads this process's slots of the next chunk and queues its same-size batches."""
+        chunk = [self._prefetcher.get() for _ in range(self.local_batch_size)]
+        keys = [_size_key(ex) for ex in chunk]
+        for key in _all_size_keys(keys):
+            group = _pad_group(
+                [ex for ex, k in zip(chunk, keys, strict=True) if k == key],
+                key,
+                self.local_batch_size,
+            )
+            if self._sharding is not None:
+                names = group.pop("name")
+                group = _to_global(group, self._sharding) | {"name": names}
+            self._batches.append(group)
 
     def __next__(self) -> dict:
-        if self._prefetcher is None:
-            raise StopIteration
-        try:
-            return self._prefetcher.get()
-        except StopIteration:
-            self.close()
-            raise
+        while not self._batches:
+            if self._prefetcher is None:
+                raise StopIteration
+            try:
+                self._next_chunk()
+            except StopIteration:
+                self.close()
+                raise
+        return self._batches.pop(0)
 
 
 def make_eval_loader(
@@ -543,65 +558,53 @@ def make_eval_loader(
     transform: Callable,
     *,
     global_batch_size: int,
-    image_size: tuple[int, int],
-    label_size: tuple[int, int],
     mesh=None,
     data_axis: str | tuple[str, ...] = "data",
+    num_examples: int | None = None,
     num_workers: int = 0,
     read_threads: int = 1,
     prefetch: int = 2,
     shard_options=None,
     skip_bad_examples: bool | None = None,
 ) -> EvalLoader:
-    """One pass over ``source`` in padded, fixed-shape global batches.
+    """One pass over ``source`` (its first ``num_examples``) in same-size global batches.
 
-    Every example is test-transformed, the image padded with 0 to ``image_size``
-    and the original-size label padded with 255 to ``label_size``. The last batch
-    is filled with ``valid=False`` examples whose labels are all 255, so summing
-    metrics over every batch counts each real example exactly once.
+    The split is read in chunks of ``global_batch_size`` consecutive examples; process p of P
+    test-transforms slots ``p * B / P .. (p + 1) * B / P - 1`` of each chunk. A chunk becomes
+    one global batch per distinct (image size, label size) in it, in sorted order (the
+    processes agree on the sizes with one small all-gather per chunk). Each such batch holds
+    the chunk's examples of that size and ``valid=False`` padding (image 0, label 255), so
+    every example is counted exactly once and the model sees each image at its own size, never
+    padded: whole-image inference stays exact (mmseg runs it with batch 1). Fixed-size splits
+    (CamVid, crops) give one full batch per chunk; mixed sizes (ADE20K) trade idle slots for
+    that exactness.
+
+    Args:
+        source: random-access source (``make_source``).
+        transform: ``TestTransform`` (or any picklable ``f(example) -> {"image", "label"}``).
+        global_batch_size: slots per chunk over all processes (a multiple of the mesh's
+            ``data_axis`` size and of the process count).
+        mesh: ``jax.sharding.Mesh``: batches become global ``jax.Array``s sharded along
+            ``data_axis``; None: NumPy batches (one process).
+        num_examples: evaluate only the first ones (None: all).
+        num_workers, read_threads, prefetch, shard_options, skip_bad_examples: as for
+            ``make_train_loader``; a bad example is left out (logged), not replaced.
 
     Returns:
-        An ``EvalLoader`` (``len()`` = number of batches) of dicts:
-        "image" float32 (B, Hi, Wi, 3), "label" int32 (B, Hl, Wl) (uint8 without a
-        mesh), "image_hw" int32 (B, 2) resized size, "label_hw" int32 (B, 2) original
-        size, "valid" bool (B,), "index" int32 (B,) record index or -1, and "name":
-        this process's names (a list; NumPy array without a mesh).
+        An ``EvalLoader`` of dicts: "image" float32 (B, h, w, 3) normalized at the test size,
+        "label" int32 (B, H, W) original size, "valid" bool (B,), "index" int32 (B,) record
+        index or -1, and "name": this process's names (a list, "" for padding).
     """
     return EvalLoader(
         source,
         transform,
         global_batch_size=global_batch_size,
-        image_size=image_size,
-        label_size=label_size,
         mesh=mesh,
         data_axis=data_axis,
+        num_examples=num_examples,
         num_workers=num_workers,
         read_threads=read_threads,
         prefetch=prefetch,
         shard_options=shard_options,
         skip_bad_examples=skip_bad_examples,
     )
-
-
-def eval_examples(
-    source, transform: Callable, *, shard_options=None, skip_bad_examples: bool | None = None
-) -> Iterator[dict]:
-    """Per-image test examples of this process's share (every P-th), in order.
-
-    Yields ``{"image": float32 (1, h, w, 3), "label": uint8 (H, W) original size,
-    "name": str, "index": int}`` -- mmseg's batch-1 whole-image inference.
-    """
-    shard_index, shard_count = _shard(shard_options)
-    if skip_bad_examples is None:
-        skip_bad_examples = bool(getattr(source, "skip_bad_examples", False))
-    for index in range(shard_index, len(source), shard_count):
-        example, skipped = _load(source, index, skip_bad_examples)
-        if skipped:
-            continue  # a bad example is dropped from evaluation, and logged by _load
-        out = transform(example)
-        yield {
-            "image": out["image"][None],
-            "label": out["label"],
-            "name": example["name"],
-            "index": index,
-        }

@@ -44,6 +44,11 @@ def rescale_size(hw: Size, scale: Size) -> Size:
     return int(h * f + 0.5), int(w * f + 0.5)
 
 
+def aligned_size(hw: Size, size_divisor: int = 32) -> Size:
+    """NVlabs ``AlignedResize``: each side rounded UP to a multiple of ``size_divisor``."""
+    return -(-hw[0] // size_divisor) * size_divisor, -(-hw[1] // size_divisor) * size_divisor
+
+
 def resize(image: np.ndarray, hw: Size, nearest: bool = False) -> np.ndarray:
     """cv2 resize to (H, W): bilinear (mmcv 'bilinear') or nearest for labels."""
     if image.shape[:2] == tuple(hw):
@@ -213,11 +218,8 @@ class TestTransform:
 
     def output_size(self, hw: Size) -> Size:
         """The (h, w) the image of original size ``hw`` is resized to."""
-        h, w = rescale_size(hw, self.scale)
-        if self.aligned:
-            d = self.size_divisor
-            h, w = -(-h // d) * d, -(-w // d) * d
-        return h, w
+        hw = rescale_size(hw, self.scale)
+        return aligned_size(hw, self.size_divisor) if self.aligned else hw
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
         del rng  # deterministic

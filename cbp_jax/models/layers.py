@@ -41,19 +41,24 @@ def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m.astype(np.float32)
 
 
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of (B, H, W, C) to (B, h, w, C), as PyTorch with align_corners=False.
+def resize_bilinear(
+    x: jax.Array, size: tuple[int, int], *, axes: tuple[int, int] = (1, 2)
+) -> jax.Array:
+    """Bilinear resize of the two spatial ``axes`` to ``size``, as PyTorch with
+    ``align_corners=False``: (B, H, W, C) -> (B, h, w, C) by default, or e.g. channels-first
+    (B, C, H, W) with ``axes=(2, 3)``.
 
     No antialiasing (``jax.image.resize`` antialiases when downsampling; PyTorch does not).
     """
-    h_in, w_in = x.shape[1], x.shape[2]
+    ah, aw = (a % x.ndim for a in axes)
+    h_in, w_in = x.shape[ah], x.shape[aw]
     h, w = int(size[0]), int(size[1])
     if (h, w) == (h_in, w_in):
         return x
     mh = jnp.asarray(_bilinear_matrix(h_in, h), x.dtype)
     mw = jnp.asarray(_bilinear_matrix(w_in, w), x.dtype)
-    x = jnp.einsum("oh,bhwc->bowc", mh, x)
-    return jnp.einsum("pw,bowc->bopc", mw, x)
+    x = jnp.moveaxis(jnp.tensordot(mh, x, axes=(1, ah)), 0, ah)
+    return jnp.moveaxis(jnp.tensordot(mw, x, axes=(1, aw)), 0, aw)
 
 
 def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:

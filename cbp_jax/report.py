@@ -1,0 +1,273 @@
+"""Reports and the paper's analyses: JSON report, example panels, the prototype cosine
+heatmap (Fig. 6), class separability (Eq. 8) and F1 by class-frequency groups (Fig. 5).
+
+Host-side NumPy / PIL; nothing here runs on the mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from cbp_jax import prototypes as prototypes_lib
+from cbp_jax.data.transforms import MEAN, STD
+from cbp_jax.metrics import class_names_or_indices, nanmean, valid_label_mask
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray | jax.Array):
+        return _jsonable(np.asarray(x).tolist())
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_report(
+    path: str,
+    metrics: dict[str, Any],
+    class_names: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Writes the metrics as JSON (NaN as null) and returns the written dict.
+
+    Layout: ``summary`` (aAcc, mIoU, mAcc, mF1, num_images), ``per_class`` (name, IoU, Acc,
+    Precision, F1, label and prediction pixels), ``confusion_matrix`` and ``extra`` (e.g.
+    config, checkpoint step, ``prototype_analysis``, ``f1_by_frequency_groups``).
+    """
+    n = len(metrics["IoU"])
+    names = class_names_or_indices(class_names, n)
+    report = {
+        "summary": {
+            k: metrics[k] for k in ("aAcc", "mIoU", "mAcc", "mF1", "num_images") if k in metrics
+        },
+        "per_class": [
+            {
+                "class": names[i],
+                "IoU": metrics["IoU"][i],
+                "Acc": metrics["Acc"][i],
+                "Precision": metrics["Precision"][i],
+                "F1": metrics["F1"][i],
+                "label_pixels": metrics["label_area"][i],
+                "pred_pixels": metrics["pred_area"][i],
+            }
+            for i in range(n)
+        ],
+        "confusion_matrix": metrics.get("confusion_matrix"),
+        "extra": extra or {},
+    }
+    report = _jsonable(report)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, allow_nan=False)
+    return report
+
+
+def default_palette(num_classes: int) -> np.ndarray:
+    """(N, 3) uint8 PASCAL-VOC-style bit-interleaved colours for classes 0..N-1 (VOC index
+    i + 1, so no class is black; black marks ignored pixels)."""
+    pal = np.zeros((num_classes, 3), np.uint8)
+    for i in range(num_classes):
+        c, r, g, b = i + 1, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def colorize(label: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """(H, W) class map -> (H, W, 3) uint8; ignored and out-of-range pixels are black."""
+    label = np.asarray(label)
+    valid = valid_label_mask(label, len(palette), ignore_index)
+    out = np.zeros((*label.shape, 3), np.uint8)
+    out[valid] = palette[label[valid]]
+    return out
+
+
+def denormalize(
+    image: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+) -> np.ndarray:
+    """(H, W, 3) normalized float -> uint8 RGB."""
+    x = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def save_panel(
+    path: str,
+    image: np.ndarray,
+    label: np.ndarray,
+    pred: np.ndarray,
+    *,
+    palette: np.ndarray | None = None,
+    num_classes: int | None = None,
+    ignore_index: int = 255,
+    gap: int = 4,
+) -> None:
+    """Writes an (H0, 3 * W0 + 2 * gap) PNG: image | ground truth | prediction.
+
+    Args:
+      image: (H, W, 3) uint8 RGB at any size; resized (bilinear) to the label size.
+      label, pred: (H0, W0) int class maps.
+      palette: (N, 3) uint8; ``default_palette(num_classes)`` when None.
+    """
+    if palette is None:
+        if num_classes is None:
+            raise ValueError("save_panel needs a palette or num_classes to build one.")
+        palette = default_palette(num_classes)
+    h, w = label.shape
+    img = Image.fromarray(np.asarray(image, np.uint8))
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    canvas = np.full((h, 3 * w + 2 * gap, 3), 255, np.uint8)
+    canvas[:, :w] = np.asarray(img)
+    canvas[:, w + gap : 2 * w + gap] = colorize(label, palette, ignore_index)
+    canvas[:, 2 * w + 2 * gap :] = colorize(pred, palette, ignore_index)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(canvas).save(path)
+
+
+def cosine_similarity_matrix(prototypes: jax.Array | np.ndarray) -> np.ndarray:
+    """(N, C) -> (N, N) float32 cosine similarities of the rows (``prototypes.cosine_matrix``)."""
+    w = np.asarray(prototypes, np.float32)
+    if np.any(np.linalg.norm(w, axis=1) == 0):
+        raise ValueError("a prototype row has zero norm; cosine similarity is undefined.")
+    return np.asarray(prototypes_lib.cosine_matrix(jnp.asarray(w)))
+
+
+def prototype_analysis(prototypes: jax.Array | np.ndarray) -> dict[str, float]:
+    """Class separability (Eq. 8, ``cbp_jax.prototypes.class_separability``; 0 for CBP) and
+    the largest off-diagonal |cos| and the row-norm range of an (N, C) classifier."""
+    w = jnp.asarray(prototypes, jnp.float32)
+    norms = np.linalg.norm(np.asarray(prototypes, np.float64), axis=1)
+    return {
+        "class_separability": float(prototypes_lib.class_separability(w)),
+        "max_abs_cos": float(prototypes_lib.max_abs_cosine(w)),
+        "norm_min": float(norms.min()),
+        "norm_max": float(norms.max()),
+    }
+
+
+def _diverging(v: np.ndarray) -> np.ndarray:
+    """[-1, 1] -> uint8 RGB: blue (-1), white (0), red (+1)."""
+    v = np.clip(np.asarray(v, np.float64), -1.0, 1.0)[..., None]
+    white = np.array([255.0, 255.0, 255.0])
+    red = np.array([178.0, 24.0, 43.0])
+    blue = np.array([33.0, 102.0, 172.0])
+    rgb = np.where(v >= 0, white + v * (red - white), white + (-v) * (blue - white))
+    return np.rint(rgb).astype(np.uint8)
+
+
+def save_similarity_heatmap(
+    path: str,
+    prototypes: jax.Array | np.ndarray,
+    *,
+    indices: Sequence[int] | None = None,
+    cell: int = 8,
+) -> np.ndarray:
+    """Fig. 6: the prototype cosine-similarity matrix as a PNG heatmap.
+
+    Cell (i, j) of ``cell x cell`` pixels is coloured blue (-1) / white (0) / red (+1). The
+    paper shows a random subset of ADE20K's 150 classes: pass ``indices``.
+
+    Args:
+      path: the PNG to write.
+      prototypes: (N, C) classifier rows.
+      indices: the classes to show, in order; all when None.
+      cell: pixels per matrix cell.
+
+    Returns:
+      The (n, n) cosine matrix that was drawn; the image is (n * cell, n * cell).
+    """
+    cos = cosine_similarity_matrix(prototypes)
+    if indices is not None:
+        idx = np.asarray(indices, np.int64)
+        cos = cos[np.ix_(idx, idx)]
+    img = np.repeat(np.repeat(_diverging(cos), cell, 0), cell, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(img).save(path)
+    return cos
+
+
+def class_pixel_counts(
+    labels: Iterable[np.ndarray], num_classes: int, ignore_index: int = 255
+) -> np.ndarray:
+    """(N,) int64 labelled-pixel count per class over an iterable of label maps (for the
+    training-set frequencies of Fig. 5)."""
+    counts = np.zeros(num_classes, np.int64)
+    for lab in labels:
+        lab = np.asarray(lab).reshape(-1)
+        lab = lab[valid_label_mask(lab, num_classes, ignore_index)]
+        counts += np.bincount(lab, minlength=num_classes)[:num_classes]
+    return counts
+
+
+def f1_by_frequency_groups(
+    f1: np.ndarray,
+    pixel_counts: np.ndarray,
+    *,
+    num_groups: int = 3,
+    group_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Fig. 5: per-class F1 averaged within groups of classes sorted by training frequency.
+
+    Classes are sorted by ascending training pixel count (rarest first; ties keep class order)
+    and split into ``num_groups`` groups of equal size (``np.array_split``: the first groups
+    take one more class when N does not divide). The paper uses 15 groups of 10 on ADE20K.
+
+    Args:
+      f1: (N,) per-class F1 (NaN for classes with no pixels are left out of the means).
+      pixel_counts: (N,) training pixel count per class.
+      num_groups: how many groups.
+      group_names: one name per group; default ``("rare", "common", "frequent")`` for 3
+        groups, else ``"group_i"``.
+      class_names: optional names listed in each group.
+
+    Returns:
+      One dict per group, rarest first: ``name``, ``classes`` (indices), ``class_names``,
+      ``min_pixels``, ``max_pixels``, ``mean_f1`` (NaN-ignoring).
+    """
+    f1 = np.asarray(f1, np.float64)
+    counts = np.asarray(pixel_counts, np.int64)
+    if f1.shape != counts.shape or f1.ndim != 1:
+        raise ValueError(f"f1 {f1.shape} and pixel_counts {counts.shape} must both be (N,).")
+    if not 1 <= num_groups <= len(f1):
+        raise ValueError(f"num_groups must be in [1, {len(f1)}], got {num_groups}.")
+    if group_names is None:
+        if num_groups == 3:
+            group_names = ("rare", "common", "frequent")
+        else:
+            group_names = [f"group_{i}" for i in range(num_groups)]
+    if len(group_names) != num_groups:
+        raise ValueError(f"got {len(group_names)} group names for {num_groups} groups.")
+    names = class_names_or_indices(class_names, len(f1))
+    order = np.argsort(counts, kind="stable")
+    groups = []
+    for name, idx in zip(group_names, np.array_split(order, num_groups), strict=True):
+        groups.append(
+            {
+                "name": name,
+                "classes": idx.tolist(),
+                "class_names": [names[i] for i in idx],
+                "min_pixels": int(counts[idx].min()),
+                "max_pixels": int(counts[idx].max()),
+                "mean_f1": nanmean(f1[idx]),
+            }
+        )
+    return groups

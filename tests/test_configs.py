@@ -1,0 +1,23 @@
+"""The paper's settings in every experiment config."""
+
+import pytest
+from config_helpers import load_config
+
+# (config, CBP length T, (lambda, phi)): Sec. 4.1-4.2 and Table 9 of the paper.
+PAPER = [
+    ("ade20k_mit_b0", 2.0, (1.0, 0.3)),  # the ablation model (Tables 3-10)
+    ("ade20k_mit_b4", 1.0, (1.0, 0.1)),  # SegFormer on ADE20K: T = 1
+    ("ade20k_mit_b5", 1.0, (1.0, 0.1)),
+    ("ade20k_convnext_base", 2.0, (1.0, 0.2)),  # the default T = 2
+    ("cocostuff10k_mit_b5", 1.0, (1.0, 0.1)),  # "1 for Segformer"
+    ("cocostuff10k_convnext_base", 2.0, (1.0, 0.3)),  # lost in the text: the default
+]
+
+
+@pytest.mark.parametrize("name,length,weights", PAPER, ids=[p[0] for p in PAPER])
+def test_paper_config_recipe(name, length, weights):
+    config = load_config(name, None)
+    assert config.model.cbp_length == length
+    assert (config.loss.centroid_weight, config.loss.category_weight) == weights
+    assert config.loss.ce_average == "all"  # mmseg's avg_non_ignore=False
+    assert config.eval.dtype == "float32"
