@@ -16,6 +16,6 @@ def get_config(arg=None):
     c = common.base_config()
     common.fcn_recipe(c, "fcn_resnet101_d8")
     c.init_from = RESNET101_V1C
-    # The paper gives no T for FCN on ADE20K (0.3 on COCO-Stuff); T = 1 as for the others.
-    c.model.cbp_length = 1.0
+    # ADE20K: "the length is set as 2 by default", 1 only for Swin and SegFormer.
+    c.model.cbp_length = 2.0
     return common.apply_variants(c, arg)

@@ -14,4 +14,7 @@ def get_config(arg=None):
     c.data.update(dataset="cocostuff10k", root="data/coco_stuff10k", num_classes=171)
     c.data.update(train_split="train", eval_split="test")
     c.loss.update(centroid_weight=1.0, category_weight=0.3)
+    # The paper's COCO-Stuff lengths name FCN (0.3), ConvNeXt (lost) and SegFormer (1), not
+    # Swin: its stated default, 2.
+    c.model.cbp_length = 2.0
     return common.apply_variants(c, arg)
