@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.no_decay_1d = False
     c.optimizer.layer_decay = 0.0  # ConvNeXt stage-wise decay rate (0: off)
     c.optimizer.layer_decay_num_layers = 12
+    c.optimizer.no_decay_names = ()  # parameter names with no weight decay (Swin: bias tables)
     c.optimizer.warmup_steps = 1500
     c.optimizer.warmup_start_factor = 1e-6
     c.optimizer.poly_power = 1.0
@@ -137,16 +138,14 @@ def upernet_convnext_recipe(c: ml_collections.ConfigDict, name: str, drop_path: 
 
 
 def upernet_swin_recipe(c: ml_collections.ConfigDict, name: str) -> None:
-    """mmseg UperNet-Swin: AdamW 6e-5, wd 0.01 (none on norms), drop-path 0.3, whole inference.
-
-    mmseg also exempts the relative position bias tables from weight decay; here they are
-    decayed (train_lib's param groups select by norm layer and by rank, not by name).
-    """
+    """mmseg UperNet-Swin: AdamW 6e-5, wd 0.01 (none on norms and relative position bias
+    tables), drop-path 0.3, whole inference."""
     c.model.name = name
     c.model.drop_path_rate = 0.3
     c.model.cbp_length = 1.0  # T = 1 for Swin (method.md)
     c.optimizer.update(lr=6e-5, weight_decay=0.01, head_lr_mult=1.0, layer_decay=0.0)
     c.optimizer.update(no_decay_norm=True, no_decay_1d=False)
+    c.optimizer.no_decay_names = ("relative_position_bias_table",)
     c.eval.mode = "whole"
     c.loss.update(centroid_weight=1.0, category_weight=0.2, aux_weight=0.4)
 

@@ -98,6 +98,14 @@ def test_swin_and_fcn_recipes():
     assert (swin.optimizer.warmup_steps, swin.optimizer.poly_power) == (1500, 1.0)
     assert (swin.loss.centroid_weight, swin.loss.category_weight) == (1.0, 0.2)
     assert swin.model.cbp_length == 1.0 and swin.eval.mode == "whole"
+    swin.model.update(name="upernet_swin_tiny", depths=(1, 1, 1, 1))
+    model = nnx.eval_shape(lambda: trainer.model_from_config(swin))
+    _, params, _ = train_lib.split_model(model)
+    _, decay = train_lib.param_groups(model, params, swin.optimizer)
+    named = {sharding.path_name(p): d for p, d in jax.tree_util.tree_leaves_with_path(decay)}
+    tables = [n for n in named if "relative_position_bias_table" in n]
+    assert len(tables) == 4 and not any(named[n] for n in tables)  # mmseg: decay_mult 0
+    assert named["encoder/stages/0/blocks/0/attn/q/kernel/value"]
     swin_coco = load_config("cocostuff10k_swin_base", None)
     assert (swin_coco.loss.centroid_weight, swin_coco.loss.category_weight) == (1.0, 0.3)
     assert swin_coco.total_steps == 80_000 and swin_coco.data.num_classes == 171
