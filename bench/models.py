@@ -24,7 +24,10 @@ from flax import nnx
 from cbp_jax import models
 from cbp_jax.models import layers
 
-PAPER = {"segformer_b5": "82.1 M / 75.6 (SegFormer-B5 + ours, Table 2)"}
+PAPER = {
+    "segformer_b5": "82.1 M / 75.6 (SegFormer-B5 + ours, Table 2)",
+    "upernet_swin_base": "121 M (UperNet Swin-B, Swin paper Table 3)",
+}
 
 
 def _median_time(fn, *args, repeats):

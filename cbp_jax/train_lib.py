@@ -82,7 +82,9 @@ def param_groups(model: nnx.Module, params, cfg: ml_collections.ConfigDict):
       mmseg's parameter names by substring, 'head' first, so the heads' norms ARE decayed
       (at the head's rate), and so are MiT's stage-final norms, named ``layers.{i}.2``;
     - ``no_decay_1d``: no weight decay on any 1-D parameter (biases, norms, layer scales;
-      mmseg's ``LearningRateDecayOptimizerConstructor`` for ConvNeXt).
+      mmseg's ``LearningRateDecayOptimizerConstructor`` for ConvNeXt);
+    - ``no_decay_names``: no weight decay on parameters whose path contains one of these
+      names (mmseg's Swin recipe: ``relative_position_bias_table``).
     """
     norm_paths = _norm_paths(model)
 
@@ -96,9 +98,11 @@ def param_groups(model: nnx.Module, params, cfg: ml_collections.ConfigDict):
             lr_mult *= cfg.layer_decay ** (cfg.layer_decay_num_layers + 1 - layer_id)
         in_norm = any(parts[: len(p)] == tuple(map(str, p)) for p in norm_paths)
         mmseg_norm = in_norm and not is_head and not UNNAMED_NORMS.match("/".join(parts))
+        named = any(name in parts for name in cfg.get("no_decay_names", ()))
         decay = not (cfg.no_decay_norm and mmseg_norm) and not (
             cfg.no_decay_1d and np.ndim(leaf) <= 1
         )
+        decay = decay and not named
         return float(lr_mult), bool(decay)
 
     groups = jax.tree_util.tree_map_with_path(group, params)

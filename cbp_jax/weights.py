@@ -14,13 +14,23 @@ values into the module's variables. Formats:
 - HF ConvNeXt: ``ConvNextModel``, ``ConvNextBackbone``, ``ConvNextForImageClassification``,
   and ``UperNetForSemanticSegmentation`` (ConvNeXt backbone, UperNet + auxiliary heads);
 - timm and Facebook ConvNeXt (incl. Facebook's segmentation backbone with ``norm{i}``), and
-  mmpretrain's (mmseg UperNet-ConvNeXt checkpoints), with mmseg UPerHead / FCNHead.
+  mmpretrain's (mmseg UperNet-ConvNeXt checkpoints), with mmseg UPerHead / FCNHead;
+- HF Swin: ``SwinModel``, ``SwinBackbone``, ``SwinForImageClassification`` and
+  ``UperNetForSemanticSegmentation`` (Swin backbone), v4 names (what transformers 5 writes);
+- official Swin (microsoft/Swin-Transformer ImageNet ``.pth``, and the Swin-Transformer-
+  Semantic-Segmentation UperNet checkpoints) and mmseg 1.x Swin (``stages.{i}``, ``w_msa``,
+  patch merging in ``nn.Unfold`` order, re-ordered here), with mmseg UPerHead / FCNHead;
+  ``relative_position_index`` / ``attn_mask`` buffers are constants here and are dropped (a
+  window size that differs from the checkpoint's fails on the bias tables' shapes);
+- mmcv / mmseg ``ResNetV1c`` (``open-mmlab://resnet101_v1c`` and mmseg FCN checkpoints, with
+  the FCN head and auxiliary head). torchvision's ResNet (one 7x7 stem conv) is recognized and
+  refused with the reason: its stem cannot become V1c's three 3x3 convs.
 
 Never a silent partial load: a checkpoint tensor that maps to nothing, or a module variable
 that gets no value, raises an error listing them. The only variables allowed to stay freshly
 initialized are whole parts that the checkpoint legitimately lacks: the decode head, the
-classifier, the auxiliary head and classifier, and ConvNeXt's 4 output norms (absent from
-ImageNet checkpoints). A one-screen summary says what was loaded and what is fresh.
+classifier, the auxiliary head and classifier, and the ConvNeXt / Swin 4 output norms
+(absent from ImageNet checkpoints). A one-screen summary says what was loaded and what is fresh.
 """
 
 from __future__ import annotations
@@ -37,7 +47,9 @@ from flax import nnx
 
 from cbp_jax.models.convnext import ConvNeXt
 from cbp_jax.models.mit import MixTransformer
+from cbp_jax.models.resnet import ResNetV1c
 from cbp_jax.models.segmentor import Segmentor
+from cbp_jax.models.swin import SwinTransformer
 
 # Parts of a segmentor that may stay freshly initialized when the checkpoint has none of them.
 FRESH_OK = ("head", "classifier", "aux_head", "aux_classifier", "encoder.out_norms")
@@ -59,6 +71,23 @@ def _conv1x1_as_linear(w):
 
 def _same(w):
     return w
+
+
+_UNFOLD_TO_OFFICIAL = [0, 2, 1, 3]  # its own inverse
+
+
+def _unfold_linear(w):
+    """mmseg's PatchMerging Linear (out, 4C), input in ``nn.Unfold`` order (channel-major,
+    then the 2x2 offsets row-major) -> (4C, out) in the official order (offset-major:
+    (0, 0), (1, 0), (0, 1), (1, 1))."""
+    out, four_c = w.shape
+    w = w.reshape(out, four_c // 4, 4).transpose(0, 2, 1)[:, _UNFOLD_TO_OFFICIAL, :]
+    return w.reshape(out, four_c).T
+
+
+def _unfold_vector(v):
+    """mmseg's PatchMerging LayerNorm (4C,) in ``nn.Unfold`` order -> the official order."""
+    return v.reshape(-1, 4).T[_UNFOLD_TO_OFFICIAL].reshape(-1)
 
 
 def _split(n: int, i: int, fn: Callable) -> Callable:
@@ -292,6 +321,92 @@ FB_CONVNEXT = _rules(
 )
 
 
+# HF Swin, v4 names (what transformers 5 still writes to disk).
+_HB = rf"encoder\.layers\.{B}\.blocks\.{B}\."
+HF_SWIN = _rules(
+    CONV(r"embeddings\.patch_embeddings\.projection", "patch_embed_proj"),
+    LN(r"embeddings\.norm", "patch_embed_norm"),
+    LN(_HB + "layernorm_before", "stages.{}.blocks.{}.norm1"),
+    LN(_HB + "layernorm_after", "stages.{}.blocks.{}.norm2"),
+    LIN(_HB + r"attention\.self\.query", "stages.{}.blocks.{}.attn.q"),
+    LIN(_HB + r"attention\.self\.key", "stages.{}.blocks.{}.attn.k"),
+    LIN(_HB + r"attention\.self\.value", "stages.{}.blocks.{}.attn.v"),
+    LIN(_HB + r"attention\.output\.dense", "stages.{}.blocks.{}.attn.proj"),
+    PARAM(
+        _HB + r"attention\.self\.relative_position_bias_table",
+        "stages.{}.blocks.{}.attn.relative_position_bias_table",
+    ),
+    LIN(_HB + r"intermediate\.dense", "stages.{}.blocks.{}.mlp.fc1"),
+    LIN(_HB + r"output\.dense", "stages.{}.blocks.{}.mlp.fc2"),
+    LN(rf"encoder\.layers\.{B}\.downsample\.norm", "stages.{}.downsample.norm"),
+    LIN(rf"encoder\.layers\.{B}\.downsample\.reduction", "stages.{}.downsample.reduction"),
+    LN(r"hidden_states_norms\.stage(\d)", _minus1("out_norms.{}")),
+)
+
+
+def _qkv(src: str, dst: str) -> list:
+    """A fused qkv Linear (3C, C) -> the q, k and v Linears."""
+    return [
+        (
+            rf"{src}\.{p}",
+            [(f"{dst}.{x}.{n}", _split(3, i, fn)) for i, x in enumerate("qkv")],
+        )
+        for p, n, fn in (("weight", "kernel", _linear), ("bias", "bias", _same))
+    ]
+
+
+def _swin_rules(layers: str, proj: str, attn: str, fc1: str, fc2: str, unfold: bool):
+    blk = rf"{layers}\.{B}\.blocks\.{B}\."
+    dst = "stages.{}.blocks.{}."
+    down = rf"{layers}\.{B}\.downsample\."
+    merge = (
+        [
+            (
+                down + r"reduction\.weight",
+                [("stages.{}.downsample.reduction.kernel", _unfold_linear)],
+            ),
+            (down + r"norm\.weight", [("stages.{}.downsample.norm.scale", _unfold_vector)]),
+            (down + r"norm\.bias", [("stages.{}.downsample.norm.bias", _unfold_vector)]),
+        ]
+        if unfold
+        else LIN(down + "reduction", "stages.{}.downsample.reduction")
+        + LN(down + "norm", "stages.{}.downsample.norm")
+    )
+    return _rules(
+        CONV(rf"patch_embed\.{proj}", "patch_embed_proj"),
+        LN(r"patch_embed\.norm", "patch_embed_norm"),
+        LN(blk + "norm1", dst + "norm1"),
+        LN(blk + "norm2", dst + "norm2"),
+        _qkv(blk + attn + r"\.qkv", dst + "attn"),
+        LIN(blk + attn + r"\.proj", dst + "attn.proj"),
+        PARAM(
+            blk + attn + r"\.relative_position_bias_table",
+            dst + "attn.relative_position_bias_table",
+        ),
+        LIN(blk + fc1, dst + "mlp.fc1"),
+        LIN(blk + fc2, dst + "mlp.fc2"),
+        merge,
+        LN(r"norm(\d)", "out_norms.{}"),  # segmentation backbones
+    )
+
+
+OFFICIAL_SWIN = _swin_rules("layers", "proj", r"attn", r"mlp\.fc1", r"mlp\.fc2", unfold=False)
+MMSEG_SWIN = _swin_rules(
+    "stages", "projection", r"attn\.w_msa", r"ffn\.layers\.0\.0", r"ffn\.layers\.1", unfold=True
+)
+_SWIN_BUFFERS = (r"\.relative_position_index$", r"\.attn_mask$")
+
+# mmcv / mmseg ResNetV1c: stem.{0,3,6} convs and stem.{1,4,7} BNs; layer{1..4}.{j}.
+MMSEG_RESNET_V1C = _rules(
+    *(CONV(rf"stem\.{3 * i}", f"stem.{i}.conv") for i in range(3)),
+    *(BN(rf"stem\.{3 * i + 1}", f"stem.{i}.bn") for i in range(3)),
+    CONV(rf"layer(\d)\.{B}\.conv(\d)", _minus1("stages.{}.{}.conv{}.conv")),
+    BN(rf"layer(\d)\.{B}\.bn(\d)", _minus1("stages.{}.{}.conv{}.bn")),
+    CONV(rf"layer(\d)\.{B}\.downsample\.0", _minus1("stages.{}.{}.downsample.conv")),
+    BN(rf"layer(\d)\.{B}\.downsample\.1", _minus1("stages.{}.{}.downsample.bn")),
+)
+
+
 def _uper_rules(conv: str, bn: str, cls: str) -> list[Rule]:
     cb = dict(conv=conv, bn=bn)
     return _rules(
@@ -309,6 +424,15 @@ def _uper_rules(conv: str, bn: str, cls: str) -> list[Rule]:
 
 MMSEG_UPERNET_HEADS = _uper_rules("conv", "bn", "conv_seg")
 HF_UPERNET_HEADS = _uper_rules("conv", "batch_norm", "classifier")
+# mmseg FCNHead as the decode head (convs, conv_cat) + the auxiliary FCN head.
+MMSEG_FCN_HEADS = _rules(
+    CONVBN(rf"decode_head\.convs\.{B}", "head.convs.{}"),
+    CONVBN(r"decode_head\.conv_cat", "head.conv_cat"),
+    LIN1x1(r"decode_head\.conv_seg", "classifier.linear"),
+    CONVBN(rf"auxiliary_head\.convs\.{B}", "aux_head.convs.{}"),
+    CONVBN(r"auxiliary_head\.conv_cat", "aux_head.conv_cat"),
+    LIN1x1(r"auxiliary_head\.conv_seg", "aux_classifier.linear"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +440,7 @@ class Format:
     """A checkpoint layout: how to recognize it and how to map it."""
 
     name: str
-    family: str  # "mit" | "convnext"
+    family: str  # "mit" | "convnext" | "swin" | "resnet" | "resnet_7x7_stem" (refused)
     marker: str  # regex searched in the (prefix-stripped) encoder keys
     encoder_prefixes: tuple[str, ...]  # tried in order; stripped from encoder keys
     encoder_rules: list[Rule]
@@ -362,6 +486,51 @@ FORMATS = (
         (),
     ),
     Format(
+        "HF transformers Swin / UperNet",
+        "swin",
+        r"^embeddings\.patch_embeddings\.projection\.weight$",
+        ("swin.", "backbone.", ""),
+        HF_SWIN,
+        HF_UPERNET_HEADS,
+        (r"^(swin\.)?layernorm\.(weight|bias)$", r"^classifier\.(weight|bias)$"),
+    ),
+    Format(
+        "official Swin (microsoft) / Swin-Transformer-Semantic-Segmentation",
+        "swin",
+        r"^layers\.0\.blocks\.0\.attn\.qkv\.weight$",
+        ("backbone.", ""),
+        OFFICIAL_SWIN,
+        MMSEG_UPERNET_HEADS,
+        (r"^norm\.(weight|bias)$", r"^head\.(weight|bias)$", *_SWIN_BUFFERS),
+    ),
+    Format(
+        "mmseg Swin",
+        "swin",
+        r"^stages\.0\.blocks\.0\.attn\.w_msa\.qkv\.weight$",
+        ("backbone.", ""),
+        MMSEG_SWIN,
+        MMSEG_UPERNET_HEADS,
+        (r"^norm\.(weight|bias)$", *_SWIN_BUFFERS),
+    ),
+    Format(  # before timm ConvNeXt, whose stem is also stem.0
+        "mmcv / mmseg ResNetV1c",
+        "resnet",
+        r"^stem\.3\.weight$",
+        ("backbone.", ""),
+        MMSEG_RESNET_V1C,
+        MMSEG_FCN_HEADS,
+        (r"^fc\.(weight|bias)$",),
+    ),
+    Format(  # recognized only to be refused with the reason (see _detect)
+        "torchvision / mmseg ResNetV1b ResNet (one 7x7 stem conv)",
+        "resnet_7x7_stem",
+        r"^conv1\.weight$",
+        ("backbone.", ""),
+        [],
+        [],
+        (),
+    ),
+    Format(
         "HF transformers ConvNeXt / UperNet",
         "convnext",
         r"^embeddings\.patch_embeddings\.weight$",
@@ -393,8 +562,16 @@ FORMATS = (
 # ----------------------------------------------------------------------------- reading
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
 def _hub_id(path: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not os.path.exists(path)
+    """'owner/name' that is not a local path; 'weights/x.pth' is a (missing) file, not an id."""
+    return (
+        bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path))
+        and not path.endswith(CHECKPOINT_SUFFIXES)
+        and not os.path.exists(path)
+    )
 
 
 def _download(repo_id: str) -> str:
@@ -544,17 +721,52 @@ def _targets(module: nnx.Module) -> dict[str, nnx.Variable]:
     return out
 
 
+_FAMILY_NAMES = {
+    "mit": "MiT (SegFormer)",
+    "convnext": "ConvNeXt",
+    "swin": "Swin",
+    "resnet": "ResNetV1c",
+}
+_FAMILY_EXAMPLES = (
+    "create('segformer_b2', ...) for MiT, create('upernet_convnext_base', ...) for ConvNeXt, "
+    "create('upernet_swin_base', ...) for Swin, create('fcn_resnet101_d8', ...) for ResNetV1c"
+)
+
+
+def _family(encoder: nnx.Module) -> str:
+    for cls, family in (
+        (MixTransformer, "mit"),
+        (ConvNeXt, "convnext"),
+        (SwinTransformer, "swin"),
+        (ResNetV1c, "resnet"),
+    ):
+        if isinstance(encoder, cls):
+            return family
+    raise TypeError(
+        "load_pretrained takes a MixTransformer, ConvNeXt, SwinTransformer, ResNetV1c or "
+        f"Segmentor, not {type(encoder).__name__}."
+    )
+
+
 def _detect(keys: Sequence[str], family: str | None) -> tuple[Format, str]:
     for fmt in FORMATS:
         for prefix in fmt.encoder_prefixes:
             pat = re.compile(fmt.marker)
             if any(k.startswith(prefix) and pat.search(k[len(prefix) :]) for k in keys):
-                if family is not None and fmt.family != family:
-                    want = "MiT (SegFormer)" if family == "mit" else "ConvNeXt"
+                if fmt.family == "resnet_7x7_stem":
                     raise ValueError(
-                        f"The checkpoint is {fmt.name}, but the module's encoder is {want}: "
-                        "build the matching model (e.g. create('segformer_b2', ...) for MiT, "
-                        "create('upernet_convnext_base', ...) for ConvNeXt)."
+                        f"The checkpoint is a {fmt.name}: its stem is one 7x7 conv (conv1, "
+                        "bn1), while ResNetV1c (mmseg's FCN backbone) has a deep stem of three "
+                        "3x3 convs (stem.0/3/6); no conversion turns one into the other. Use "
+                        "the ResNetV1c ImageNet weights mmseg's FCN configs start from (mmcv's "
+                        "open-mmlab://resnet101_v1c, resnet101_v1c-e67eebb6.pth, or "
+                        "resnet50_v1c) or an mmseg FCN checkpoint."
+                    )
+                if family is not None and fmt.family != family:
+                    raise ValueError(
+                        f"The checkpoint is {fmt.name}, but the module's encoder is "
+                        f"{_FAMILY_NAMES[family]}: build the matching model (e.g. "
+                        f"{_FAMILY_EXAMPLES})."
                     )
                 return fmt, prefix
     sample = ", ".join(sorted(keys)[:8])
@@ -623,7 +835,8 @@ def load_pretrained(
     """Loads a PyTorch checkpoint into an encoder or a segmentor, in place.
 
     Args:
-      module: a ``MixTransformer`` / ``ConvNeXt`` encoder or a ``Segmentor``.
+      module: a ``MixTransformer`` / ``ConvNeXt`` / ``SwinTransformer`` / ``ResNetV1c``
+        encoder or a ``Segmentor``.
       path: a checkpoint file, an HF ``save_pretrained`` folder, or a hub id.
       ignore: regexes (``re.search``) of checkpoint keys to drop on purpose (e.g.
         ``[r"^decode_head\\.classifier"]`` to keep a fresh CBP classifier of another width).
@@ -637,18 +850,14 @@ def load_pretrained(
     Raises:
       ValueError: unknown layout, a family mismatch, a shape mismatch, checkpoint tensors
         that map to nothing, or module variables left without a value outside the parts
-        allowed to be fresh (decode head, classifier, auxiliary head, ConvNeXt output norms).
+        allowed to be fresh (decode head, classifier, auxiliary head, ConvNeXt / Swin output
+        norms); a torchvision ResNet for a ResNetV1c (the stems differ).
     """
     if isinstance(module, Segmentor):
         encoder, enc_prefix, is_seg = module.encoder, "encoder.", True
-    elif isinstance(module, MixTransformer | ConvNeXt):
-        encoder, enc_prefix, is_seg = module, "", False
     else:
-        raise TypeError(
-            f"load_pretrained takes a MixTransformer, ConvNeXt or Segmentor, not "
-            f"{type(module).__name__}."
-        )
-    family = "mit" if isinstance(encoder, MixTransformer) else "convnext"
+        encoder, enc_prefix, is_seg = module, "", False
+    family = _family(encoder)
     sd, resolved = read_state_dict(path, trust_pickle=trust_pickle)
     fmt, prefix = _detect(list(sd), family)
     targets = _targets(module)

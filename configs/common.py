@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.no_decay_1d = False
     c.optimizer.layer_decay = 0.0  # ConvNeXt stage-wise decay rate (0: off)
     c.optimizer.layer_decay_num_layers = 12
+    c.optimizer.no_decay_names = ()  # parameter names with no weight decay (Swin: bias tables)
     c.optimizer.warmup_steps = 1500
     c.optimizer.warmup_start_factor = 1e-6
     c.optimizer.poly_power = 1.0
@@ -134,6 +135,31 @@ def upernet_convnext_recipe(c: ml_collections.ConfigDict, name: str, drop_path: 
     c.optimizer.update(layer_decay_num_layers=12, no_decay_norm=True, no_decay_1d=True)
     c.eval.update(mode="slide", crop=(512, 512), stride=(341, 341))
     c.loss.update(centroid_weight=1.0, category_weight=0.2, aux_weight=0.4)
+
+
+def upernet_swin_recipe(c: ml_collections.ConfigDict, name: str) -> None:
+    """mmseg UperNet-Swin: AdamW 6e-5, wd 0.01 (none on norms and relative position bias
+    tables), drop-path 0.3, whole inference."""
+    c.model.name = name
+    c.model.drop_path_rate = 0.3
+    c.model.cbp_length = 1.0  # T = 1 for Swin (method.md)
+    c.optimizer.update(lr=6e-5, weight_decay=0.01, head_lr_mult=1.0, layer_decay=0.0)
+    c.optimizer.update(no_decay_norm=True, no_decay_1d=False)
+    c.optimizer.no_decay_names = ("relative_position_bias_table",)
+    c.eval.mode = "whole"
+    c.loss.update(centroid_weight=1.0, category_weight=0.2, aux_weight=0.4)
+
+
+def fcn_recipe(c: ml_collections.ConfigDict, name: str) -> None:
+    """mmseg FCN-D8: SGD lr 0.01, momentum 0.9, wd 5e-4 on every parameter, no warm-up,
+    poly power 0.9 down to 1e-4, whole inference; no stochastic depth."""
+    c.model.name = name
+    c.model.drop_path_rate = 0.0
+    c.optimizer.update(name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4)
+    c.optimizer.update(head_lr_mult=1.0, layer_decay=0.0, no_decay_norm=False, no_decay_1d=False)
+    c.optimizer.update(warmup_steps=0, poly_power=0.9, min_lr=1e-4)
+    c.eval.mode = "whole"
+    c.loss.update(centroid_weight=0.4, category_weight=0.1, aux_weight=0.4)
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

@@ -11,6 +11,10 @@ PAPER = [
     ("ade20k_convnext_base", 2.0, (1.0, 0.2)),  # the default T = 2
     ("cocostuff10k_mit_b5", 1.0, (1.0, 0.1)),  # "1 for Segformer"
     ("cocostuff10k_convnext_base", 2.0, (1.0, 0.3)),  # lost in the text: the default
+    ("ade20k_swin_base", 1.0, (1.0, 0.2)),  # Swin on ADE20K: T = 1
+    ("cocostuff10k_swin_base", 2.0, (1.0, 0.3)),  # not named for Swin: the default
+    ("ade20k_fcn_resnet101", 2.0, (0.4, 0.1)),  # the default T = 2
+    ("cocostuff10k_fcn_resnet101", 0.3, (1.0, 0.3)),  # "0.3 for FCN"
 ]
 
 

@@ -1,6 +1,7 @@
 """Encoders, heads and segmentors: shapes, modes, BatchNorm semantics, dtypes, registry errors.
 
-PyTorch parity lives in test_models_parity.py; these tests need only JAX and NumPy.
+PyTorch parity lives in test_models_parity.py and test_parity_swin_resnet.py; these tests
+need only JAX and NumPy.
 """
 
 import jax
@@ -13,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from cbp_jax import models
 from cbp_jax.classifier import Prototypes
-from cbp_jax.models import layers
+from cbp_jax.models import layers, swin
 
 SMALL_CNX = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))
 SMALL_MIT = dict(depths=(1, 1, 1, 1))
@@ -102,9 +103,21 @@ def test_conv2d_formulations_equal_lax_conv(shape, k, stride, padding):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mit_b0", "convnext_tiny"])
-def test_remat_gives_the_same_outputs_and_gradients(name):
-    overrides = dict(depths=(1, 1, 1, 1), drop_path_rate=0.0)
+TINY_SWIN = dict(embed_dim=8, num_heads=(1, 1, 1, 1), window_size=2)
+TINY_RESNET = dict(stem_channels=8, base_channels=4)
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("mit_b0", {}),
+        ("convnext_tiny", {}),
+        ("swin_tiny", TINY_SWIN),
+        ("resnet50_v1c", TINY_RESNET),
+    ],
+)
+def test_remat_gives_the_same_outputs_and_gradients(name, extra):
+    overrides = dict(depths=(1, 1, 1, 1), drop_path_rate=0.0, **extra)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
 
     def loss_and_grads(remat):
@@ -326,3 +339,64 @@ def test_registry_errors_name_the_problem():
         models.create("segformer_b0", num_classes=3, head="uper", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="num_classes=0"):
         models.create("segformer_b0", num_classes=0, rngs=nnx.Rngs(0))
+
+
+def test_swin_window_defaults_and_errors():
+    base = nnx.eval_shape(
+        lambda: models.create_encoder("swin_base", depths=(1, 1, 1, 1), rngs=nnx.Rngs(0))
+    )
+    assert base.config.window_size == 12 and base.dims == (128, 256, 512, 1024)
+    tiny = nnx.eval_shape(
+        lambda: models.create_encoder("swin_tiny", depths=(1, 1, 1, 1), rngs=nnx.Rngs(0))
+    )
+    assert tiny.config.window_size == 7 and tiny.dims == (96, 192, 384, 768)
+    with pytest.raises(ValueError, match=r"override\(s\) \['dwconv_impl'\]"):
+        models.create_encoder("swin_tiny", dwconv_impl="xla", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="width 16 is not divisible by num_heads=5"):
+        models.create_encoder("swin_tiny", embed_dim=16, num_heads=(5, 2, 2, 2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="head='upernet' for 'fcn_resnet101_d8'"):
+        models.create("fcn_resnet101_d8", num_classes=3, head="upernet", rngs=nnx.Rngs(0))
+
+
+def test_relative_position_index_matches_mmseg_formula():
+    """mmseg builds the index differently (``double_step_seq`` + flip); same table rows."""
+    w = 5
+    seq = (np.arange(0, (2 * w - 1) * w, 2 * w - 1)[:, None] + np.arange(w)[None]).reshape(1, -1)
+    np.testing.assert_array_equal(swin.relative_position_index(w), np.flip(seq + seq.T, axis=1))
+
+
+def test_swin_stochastic_depth_only_when_training():
+    enc = models.create_encoder(
+        "swin_tiny",
+        embed_dim=8,
+        depths=(2, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        window_size=2,
+        drop_path_rate=0.5,
+        rngs=nnx.Rngs(0),
+    )
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+    a, b = _call(enc, x, False), _call(enc, x, False)
+    np.testing.assert_array_equal(a[-1], b[-1])
+    t = _call(enc, x, True)
+    assert [f.shape for f in t] == [(4, 8, 8, 8), (4, 4, 4, 16), (4, 2, 2, 32), (4, 1, 1, 64)]
+    assert np.all(np.isfinite(t[-1])) and not np.allclose(t[-1], a[-1])
+
+
+def test_fcn_segmentor_output_stride_8_and_heads():
+    model = models.create(
+        "fcn_resnet101_d8",
+        num_classes=5,
+        head_width=16,
+        aux_width=8,
+        depths=(1, 1, 1, 1),
+        stem_channels=16,
+        base_channels=8,
+        rngs=nnx.Rngs(0),
+    )
+    assert model.encoder.dims == (32, 64, 128, 256)
+    assert len(model.head.convs) == 2 and model.head.concat_input and model.head.in_index == 3
+    assert len(model.aux_head.convs) == 1 and model.aux_head.in_index == 2
+    out = _call(model, jnp.zeros((2, 64, 64, 3)), True)
+    assert out["logits"].shape == (2, 8, 8, 5) and out["features"].shape == (2, 8, 8, 16)
+    assert out["aux_logits"].shape == (2, 8, 8, 5)

@@ -14,26 +14,15 @@ from flax import nnx
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from torch.nn import functional as F
+from torch_refs import assert_close as _close
+from torch_refs import forward_eval as _forward
 from torch_refs import images, nhwc, randomize_
 
 from cbp_jax import models, weights
 from cbp_jax.models import layers
 
 pytestmark = pytest.mark.parity
-TOL = 1e-4
 HF_EPS = dict(norm_eps=1e-5, patch_norm_eps=1e-5)  # HF SegFormer uses 1e-5 everywhere
-
-
-@nnx.jit
-def _forward(model, x):
-    return model(x, train=False)  # one jitted function: compiled once per model structure
-
-
-def _close(ours, ref, tol=TOL):
-    ours = np.asarray(ours)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    err = float(np.abs(ours - ref).max())
-    assert err <= tol, f"max abs diff {err} > {tol}"
 
 
 def _hf_stages(hf, xt):

@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 from config_helpers import ROOT, load_config
-from data_helpers import CAMVID_ROOT, make_ade20k
+from data_helpers import CAMVID_ROOT, make_ade20k, make_cocostuff_raw
 
 from cbp_jax import checkpointing, trainer
+from cbp_jax.data import cocostuff
 
 
 def tiny_config(**overrides):
@@ -84,6 +85,34 @@ def test_smoke_ade20k_layout_folder(tmp_path):
     assert sorted(os.listdir(tmp_path / "work" / "checkpoints")) == ["4", "8"]
     report = json.load(open(tmp_path / "work" / "eval" / "report.json"))
     assert len(report["per_class"]) == 150
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ade20k_swin_base",
+        "cocostuff10k_swin_base",
+        "ade20k_fcn_resnet101",
+        "cocostuff10k_fcn_resnet101",
+    ],
+)
+def test_smoke_swin_and_fcn_rows(tmp_path, name):
+    """The paper's UperNet Swin-B and FCN ResNet-101 rows, ``:smoke``, on generated data."""
+    config = load_config(name)
+    if name.startswith("ade20k"):
+        config.data.root = make_ade20k(str(tmp_path / "data"), n_train=8, n_val=1)
+    else:
+        raw = make_cocostuff_raw(str(tmp_path / "raw"), n_train=8, n_test=1)
+        config.data.root = str(tmp_path / "coco")
+        cocostuff.convert_cocostuff10k(raw, config.data.root, num_workers=1)
+    config.update(total_steps=2, batch_size=8)
+    config.checkpoint.update(every=2, async_save=False)
+    config.eval.max_images = 1
+    summary = trainer.train_and_evaluate(config, str(tmp_path / "work"))
+    assert summary["step"] == 2 and all(np.isfinite(list(summary["losses"].values())))
+    report = json.load(open(tmp_path / "work" / "eval" / "report.json"))
+    assert len(report["per_class"]) == config.data.num_classes
 
 
 # ----------------------------------------------------------------------------- sharding

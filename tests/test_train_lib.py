@@ -20,11 +20,21 @@ ALL_CONFIGS = [
     "cocostuff10k_convnext_base",
     "camvid_mit_b0",
     "scenes_mit_b0",
+    "ade20k_swin_base",
+    "cocostuff10k_swin_base",
+    "ade20k_fcn_resnet101",
+    "cocostuff10k_fcn_resnet101",
 ]
 
 
-# B4 and COCO-Stuff B5 build the same modules as B5 (tests/test_param_counts.py counts them).
-DISTINCT_MODELS = [n for n in ALL_CONFIGS if n not in ("ade20k_mit_b4", "cocostuff10k_mit_b5")]
+# B4 and the COCO-Stuff rows build the same modules as their ADE20K rows (but for N), and
+# tests/test_param_counts.py counts them.
+DISTINCT_MODELS = [
+    n
+    for n in ALL_CONFIGS
+    if n not in ("ade20k_mit_b4", "cocostuff10k_mit_b5")
+    and not (n.startswith("cocostuff10k_") and n != "cocostuff10k_convnext_base")
+]
 
 
 @pytest.mark.parametrize("name", ALL_CONFIGS)
@@ -74,6 +84,45 @@ def test_paper_recipes():
     assert b0.total_steps == 40_000 and b0.model.cbp_length == 2.0
     with pytest.raises(ValueError, match="unknown config variant"):
         load_config("ade20k_mit_b0", "smok")
+
+
+def test_swin_and_fcn_recipes():
+    swin = load_config("ade20k_swin_base", None)
+    assert swin.model.name == "upernet_swin_base" and swin.model.drop_path_rate == 0.3
+    assert (swin.optimizer.name, swin.optimizer.lr, swin.optimizer.weight_decay) == (
+        "adamw",
+        6e-5,
+        0.01,
+    )
+    assert swin.optimizer.head_lr_mult == 1.0 and swin.optimizer.no_decay_norm
+    assert (swin.optimizer.warmup_steps, swin.optimizer.poly_power) == (1500, 1.0)
+    assert (swin.loss.centroid_weight, swin.loss.category_weight) == (1.0, 0.2)
+    assert swin.model.cbp_length == 1.0 and swin.eval.mode == "whole"
+    swin.model.update(name="upernet_swin_tiny", depths=(1, 1, 1, 1))
+    model = nnx.eval_shape(lambda: trainer.model_from_config(swin))
+    _, params, _ = train_lib.split_model(model)
+    _, decay = train_lib.param_groups(model, params, swin.optimizer)
+    named = {sharding.path_name(p): d for p, d in jax.tree_util.tree_leaves_with_path(decay)}
+    tables = [n for n in named if "relative_position_bias_table" in n]
+    assert len(tables) == 4 and not any(named[n] for n in tables)  # mmseg: decay_mult 0
+    assert named["encoder/stages/0/blocks/0/attn/q/kernel/value"]
+    swin_coco = load_config("cocostuff10k_swin_base", None)
+    assert (swin_coco.loss.centroid_weight, swin_coco.loss.category_weight) == (1.0, 0.3)
+    assert swin_coco.total_steps == 80_000 and swin_coco.data.num_classes == 171
+    fcn = load_config("ade20k_fcn_resnet101", None)
+    assert fcn.model.name == "fcn_resnet101_d8" and fcn.model.drop_path_rate == 0.0
+    opt = fcn.optimizer
+    assert (opt.name, opt.lr, opt.momentum, opt.weight_decay) == ("sgd", 0.01, 0.9, 5e-4)
+    assert (opt.warmup_steps, opt.poly_power, opt.min_lr) == (0, 0.9, 1e-4)
+    assert not opt.no_decay_norm and not opt.no_decay_1d  # mmseg's SGD decays everything
+    assert (fcn.loss.centroid_weight, fcn.loss.category_weight, fcn.loss.aux_weight) == (
+        0.4,
+        0.1,
+        0.4,
+    )
+    fcn_coco = load_config("cocostuff10k_fcn_resnet101", None)
+    assert fcn_coco.model.cbp_length == 0.3 and fcn_coco.total_steps == 80_000
+    assert (fcn_coco.loss.centroid_weight, fcn_coco.loss.category_weight) == (1.0, 0.3)
 
 
 def test_schedule_matches_mmseg_warmup_then_poly():

@@ -4,8 +4,10 @@
     model = create("segformer_b2", num_classes=150, rngs=nnx.Rngs(0))
     out = model(images, train=True)   # {"logits", "features"[, "aux_logits"]}
 
-Encoder names: ``mit_b0`` .. ``mit_b5``, ``convnext_tiny|small|base|large``.
-Segmentor names: ``segformer_b0`` .. ``segformer_b5``, ``upernet_convnext_tiny|small|base|large``.
+Encoder names: ``mit_b0`` .. ``mit_b5``, ``convnext_tiny|small|base|large``,
+``swin_tiny|small|base|large``, ``resnet50_v1c``, ``resnet101_v1c``.
+Segmentor names: ``segformer_b0`` .. ``segformer_b5``, ``upernet_convnext_tiny|small|base|large``,
+``upernet_swin_tiny|small|base|large``, ``fcn_resnet50_d8``, ``fcn_resnet101_d8``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from cbp_jax.classifier import CBPClassifier, LinearClassifier
 from cbp_jax.models.convnext import CONVNEXT_VARIANTS, ConvNeXt, ConvNeXtConfig
 from cbp_jax.models.heads import FCNHead, SegFormerHead, SegFormerMLPHead, UperNetHead
 from cbp_jax.models.mit import MIT_VARIANTS, MiTConfig, MixTransformer
+from cbp_jax.models.resnet import RESNET_VARIANTS, ResNetConfig, ResNetV1c
 from cbp_jax.models.segmentor import Segmentor
+from cbp_jax.models.swin import SWIN_VARIANTS, SwinConfig, SwinTransformer
 
 __all__ = [
     "ConvNeXt",
@@ -27,9 +31,13 @@ __all__ = [
     "FCNHead",
     "MiTConfig",
     "MixTransformer",
+    "ResNetConfig",
+    "ResNetV1c",
     "SegFormerHead",
     "SegFormerMLPHead",
     "Segmentor",
+    "SwinConfig",
+    "SwinTransformer",
     "UperNetHead",
     "create",
     "create_encoder",
@@ -37,11 +45,21 @@ __all__ = [
     "SEGMENTORS",
 ]
 
-ENCODERS = tuple(MIT_VARIANTS) + tuple(CONVNEXT_VARIANTS)
-SEGMENTORS = tuple(f"segformer_b{i}" for i in range(6)) + tuple(
-    f"upernet_{n}" for n in CONVNEXT_VARIANTS
+# family: (encoder class, config class, variants, constructor keywords besides the config)
+_FAMILIES = {
+    "mit": (MixTransformer, MiTConfig, MIT_VARIANTS, ("dtype", "dwconv_impl", "remat")),
+    "convnext": (ConvNeXt, ConvNeXtConfig, CONVNEXT_VARIANTS, ("dtype", "dwconv_impl", "remat")),
+    "swin": (SwinTransformer, SwinConfig, SWIN_VARIANTS, ("dtype", "remat")),
+    "resnet": (ResNetV1c, ResNetConfig, RESNET_VARIANTS, ("dtype", "remat")),
+}
+ENCODERS = tuple(name for family in _FAMILIES.values() for name in family[2])
+SEGMENTORS = (
+    tuple(f"segformer_b{i}" for i in range(6))
+    + tuple(f"upernet_{n}" for n in CONVNEXT_VARIANTS)
+    + tuple(f"upernet_{n}" for n in SWIN_VARIANTS)
+    + tuple(f"fcn_{n.removesuffix('_v1c')}_d8" for n in RESNET_VARIANTS)
 )
-_ENCODER_KWARGS = ("dtype", "dwconv_impl", "remat")
+Encoder = MixTransformer | ConvNeXt | SwinTransformer | ResNetV1c
 
 
 def _unknown(kind: str, name: str, bad, valid) -> ValueError:
@@ -50,33 +68,33 @@ def _unknown(kind: str, name: str, bad, valid) -> ValueError:
     )
 
 
-def create_encoder(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> MixTransformer | ConvNeXt:
-    """Builds an encoder by name; images (B, H, W, 3) -> [(B, H/4, W/4, C1), ..., C4].
+def create_encoder(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> Encoder:
+    """Builds an encoder by name; images (B, H, W, 3) -> 4 maps [(B, H/4, W/4, C1), ...].
 
     Args:
-      name: ``mit_b0`` .. ``mit_b5`` or ``convnext_tiny|small|base|large``.
+      name: ``mit_b0`` .. ``mit_b5``, ``convnext_tiny|small|base|large``,
+        ``swin_tiny|small|base|large`` or ``resnet50_v1c`` / ``resnet101_v1c``.
       rngs: parameter init and the 'dropout' stream (stochastic depth).
-      **overrides: ``dtype`` (compute dtype), ``dwconv_impl`` ('auto' | 'xla' | 'shifted'),
-        ``remat`` (recompute block activations in the backward pass),
-        or any field of :class:`MiTConfig` / :class:`ConvNeXtConfig` (e.g.
-        ``drop_path_rate``, ``norm_eps``, ``depths``).
+      **overrides: ``dtype`` (compute dtype), ``dwconv_impl`` ('auto' | 'xla' | 'shifted';
+        MiT and ConvNeXt), ``remat`` (recompute block activations in the backward pass),
+        or any field of :class:`MiTConfig` / :class:`ConvNeXtConfig` /
+        :class:`SwinConfig` / :class:`ResNetConfig` (e.g. ``drop_path_rate``, ``depths``,
+        ``window_size``, ``dilations``).
     """
-    if name in MIT_VARIANTS:
-        cls, cfg_cls, base = MixTransformer, MiTConfig, MIT_VARIANTS[name]
-    elif name in CONVNEXT_VARIANTS:
-        cls, cfg_cls, base = ConvNeXt, ConvNeXtConfig, CONVNEXT_VARIANTS[name]
-    else:
+    family = next((f for f in _FAMILIES.values() if name in f[2]), None)
+    if family is None:
         raise ValueError(f"Unknown encoder {name!r}. Known: {', '.join(ENCODERS)}.")
+    cls, cfg_cls, variants, kwarg_names = family
     fields = {f.name for f in dataclasses.fields(cfg_cls)}
-    bad = set(overrides) - fields - set(_ENCODER_KWARGS)
+    bad = set(overrides) - fields - set(kwarg_names)
     if bad:
-        raise _unknown("encoder", name, bad, fields | set(_ENCODER_KWARGS))
+        raise _unknown("encoder", name, bad, fields | set(kwarg_names))
     cfg_over = {k: v for k, v in overrides.items() if k in fields}
     for k, v in cfg_over.items():
         if isinstance(v, list):
             cfg_over[k] = tuple(v)
-    config = cfg_cls(**{**base, **cfg_over})
-    kwargs = {k: overrides[k] for k in _ENCODER_KWARGS if k in overrides}
+    config = cfg_cls(**{**variants[name], **cfg_over})
+    kwargs = {k: overrides[k] for k in kwarg_names if k in overrides}
     return cls(config, rngs=rngs, **kwargs)
 
 
@@ -89,10 +107,10 @@ _SEG_DEFAULTS = dict(
     cbp_allow_non_orthogonal=False,
     cbp_ema_momentum=0.99,
     cbp_penalty_weight=0.01,
-    head=None,  # segformer: "mmseg" (default) | "mlp"; upernet: "upernet"
+    head=None,  # segformer: "mmseg" (default) | "mlp"; upernet: "upernet"; fcn: "fcn"
     head_width=None,  # None: the variant's default
     dropout=0.1,
-    aux=None,  # UperNet auxiliary FCN head; None: True for UperNet
+    aux=None,  # auxiliary FCN head on stage 3; None: True for UperNet and FCN
     aux_width=256,
     aux_num_convs=1,
     aux_concat_input=False,
@@ -103,7 +121,8 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
     """Builds a segmentor by name: ``model(images, train=bool)`` -> dict (see ``segmentor``).
 
     Args:
-      name: ``segformer_b0`` .. ``segformer_b5`` or ``upernet_convnext_tiny|small|base|large``.
+      name: ``segformer_b0`` .. ``segformer_b5``, ``upernet_convnext_tiny|small|base|large``,
+        ``upernet_swin_tiny|small|base|large``, ``fcn_resnet50_d8`` or ``fcn_resnet101_d8``.
       num_classes: N.
       rngs: parameter init (and the CBP prototypes' key) and the 'dropout' stream.
       **overrides:
@@ -113,9 +132,11 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
         ``cbp_ema_momentum`` (0.99, update 'ema'), ``cbp_penalty_weight`` (0.01, 'penalty').
         ``head``: SegFormer 'mmseg' (mmseg 1.x conv+BN+ReLU head, the paper's; default) or
         'mlp' (original / HF Linear head, for HF-trained checkpoints).
+        UperNet models take 'upernet', FCN models 'fcn' (mmseg FCNHead on stage 4: two 3x3
+        ConvModules, concat of the input + a 3x3 ConvModule).
         ``head_width``: decoder width D (SegFormer 'mmseg' 256; 'mlp' 256 for B0/B1 and 768
-        for B2-B5; UperNet 512).
-        ``dropout`` (0.1) before the classifier; ``aux`` (UperNet: True), ``aux_width`` (256),
+        for B2-B5; UperNet 512; FCN 512).
+        ``dropout`` (0.1) before the classifier; ``aux`` (UperNet, FCN: True), ``aux_width`` (256),
         ``aux_num_convs`` (1), ``aux_concat_input`` (False): the auxiliary FCN head on stage 3.
         Anything else goes to :func:`create_encoder` (``dtype``, ``dwconv_impl``,
         ``drop_path_rate``, ``norm_eps``, ...).
@@ -125,13 +146,14 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}; pass a positive int (150 for ADE20K).")
     seg = {k: overrides.pop(k, v) for k, v in _SEG_DEFAULTS.items()}
-    heads = ("mmseg", "mlp") if name.startswith("segformer_") else ("upernet",)
+    family = name.split("_", 1)[0]  # "segformer" | "upernet" | "fcn"
+    heads = {"segformer": ("mmseg", "mlp"), "upernet": ("upernet",), "fcn": ("fcn",)}[family]
     if seg["head"] is not None and seg["head"] not in heads:
         raise ValueError(f"head={seg['head']!r} for {name!r}; use one of {heads}.")
     if seg["classifier"] not in ("cbp", "linear"):
         raise ValueError(f"classifier={seg['classifier']!r}; use 'cbp' or 'linear'.")
     dtype = overrides.get("dtype")
-    if name.startswith("segformer_"):
+    if family == "segformer":
         variant = name.removeprefix("segformer_")
         encoder = create_encoder(f"mit_{variant}", rngs=rngs, **overrides)
         head_kind = seg["head"] or "mmseg"
@@ -148,12 +170,25 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
         else:
             raise ValueError(f"head={head_kind!r} for {name!r}; use 'mmseg' or 'mlp'.")
         use_aux = bool(seg["aux"])
-    else:
+    elif family == "upernet":
         encoder = create_encoder(name.removeprefix("upernet_"), rngs=rngs, **overrides)
-        if seg["head"] not in (None, "upernet"):
-            raise ValueError(f"head={seg['head']!r} for {name!r}; UperNet models use 'upernet'.")
         width = seg["head_width"] or 512
         head = UperNetHead(encoder.dims, width, dropout=seg["dropout"], dtype=dtype, rngs=rngs)
+        use_aux = True if seg["aux"] is None else bool(seg["aux"])
+    else:  # fcn_resnet{50,101}_d8: ResNetV1c, output stride 8
+        variant = name.removeprefix("fcn_").removesuffix("_d8")
+        encoder = create_encoder(f"{variant}_v1c", rngs=rngs, **overrides)
+        width = seg["head_width"] or 512
+        head = FCNHead(
+            encoder.dims,
+            width,
+            in_index=len(encoder.dims) - 1,
+            num_convs=2,
+            concat_input=True,
+            dropout=seg["dropout"],
+            dtype=dtype,
+            rngs=rngs,
+        )
         use_aux = True if seg["aux"] is None else bool(seg["aux"])
 
     if seg["classifier"] == "cbp":

@@ -255,6 +255,7 @@ def conv2d(
     *,
     stride: int = 1,
     padding: int = 0,
+    dilation: int = 1,
 ) -> jax.Array:
     """PyTorch ``Conv2d`` of (B, H, W, Cin) with kernel (k, k, Cin, Cout), symmetric padding.
 
@@ -265,13 +266,14 @@ def conv2d(
     - kernel == stride, no padding (patchify: ConvNeXt stem and downsampling, MiT spatial
       reduction): non-overlapping k x k patches reshaped and contracted in one einsum; rows
       and columns past the last whole patch are dropped, as PyTorch does.
-    - anything else: ``lax.conv_general_dilated``.
+    - anything else (dilated convs included): ``lax.conv_general_dilated``.
     """
     k = kernel.shape[0]
     kernel = kernel.astype(x.dtype)
+    undilated = dilation == 1 or k == 1
     if k == 1 and stride == 1 and padding == 0:
         y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
-    elif k == stride and padding == 0:
+    elif undilated and k == stride and padding == 0:
         b, h, w, c = x.shape
         ho, wo = h // k, w // k
         patches = x[:, : ho * k, : wo * k].reshape(b, ho, k, wo, k, c)
@@ -282,6 +284,7 @@ def conv2d(
             kernel,
             window_strides=(stride, stride),
             padding=((padding, padding), (padding, padding)),
+            rhs_dilation=(dilation, dilation),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
     if bias is not None:
@@ -290,7 +293,8 @@ def conv2d(
 
 
 class Conv(nnx.Module):
-    """``nn.Conv2d`` with explicit symmetric padding: kernel (k, k, in, out), optional bias.
+    """``nn.Conv2d`` with explicit symmetric padding and dilation: kernel (k, k, in, out),
+    optional bias.
 
     Parameters are float32 and named as ``nnx.Conv``'s (``kernel``, ``bias``); the forward
     pass is :func:`conv2d`, which picks the fastest exact formulation for the shape.
@@ -304,6 +308,7 @@ class Conv(nnx.Module):
         *,
         stride: int = 1,
         padding: int = 0,
+        dilation: int = 1,
         use_bias: bool = True,
         dtype: Dtype = None,
         rngs,
@@ -311,14 +316,21 @@ class Conv(nnx.Module):
         shape = (kernel_size, kernel_size, din, dout)
         self.kernel = nnx.Param(conv_fan_out(rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32)) if use_bias else nnx.data(None)
-        self.stride, self.padding, self.dtype = stride, padding, dtype
+        self.stride, self.padding, self.dilation, self.dtype = stride, padding, dilation, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, din) -> (B, H', W', dout)."""
         if self.dtype is not None:
             x = x.astype(self.dtype)
         bias = None if self.bias is None else self.bias[...]
-        return conv2d(x, self.kernel[...], bias, stride=self.stride, padding=self.padding)
+        return conv2d(
+            x,
+            self.kernel[...],
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
 
 
 class ConvBNReLU(nnx.Module):

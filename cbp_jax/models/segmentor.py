@@ -2,11 +2,12 @@
 
 ``model(images (B, H, W, 3), train=bool)`` returns a dict:
 
-- ``"logits"``: (B, H/4, W/4, N) float32, the classifier's output at the head's resolution.
-- ``"features"``: (B, H/4, W/4, D) float32, exactly what the classifier saw (after the head's
+- ``"logits"``: (B, h, w, N) float32, the classifier's output at the head's resolution
+  (h = H/4 for SegFormer and UperNet, H/8 for FCN-D8).
+- ``"features"``: (B, h, w, D) float32, exactly what the classifier saw (after the head's
   dropout when training), for OCCL.
-- ``"aux_logits"`` (only with an auxiliary head, e.g. UperNet): (B, H/16, W/16, N) float32
-  from the auxiliary FCN head on stage 3, at that stage's resolution.
+- ``"aux_logits"`` (only with an auxiliary head: UperNet, FCN): float32 from the auxiliary
+  FCN head on stage 3, at that stage's resolution ((B, H/16, W/16, N); H/8 for FCN-D8).
 
 Resize logits to the label size in the loss, as mmseg does.
 """
