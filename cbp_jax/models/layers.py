@@ -155,8 +155,8 @@ def depthwise_conv2d(
     ``impl='xla'`` uses ``lax.conv_general_dilated`` with ``feature_group_count=C``;
     ``impl='shifted'`` sums k*k shifted slices of the padded input times per-channel
     weights, accumulating in float32, with a hand-written backward pass (XLA:CPU's grouped
-    convolution measured 3-7x slower forward + backward; docs/benchmarks.md). Both give the same values and
-    gradients (tested).
+    convolution measured 3-7x slower forward + backward; docs/benchmarks.md). Both give the
+    same values and gradients (tested).
     """
     kernel = kernel.astype(x.dtype)
     if impl == "xla":
