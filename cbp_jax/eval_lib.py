@@ -149,6 +149,9 @@ def evaluate(
             pad_windows=pad_windows,
         )
         acc.update_from_scores(label, scores, valid)
+        # One chunk in flight: XLA:CPU's in-process all-reduce deadlocked (rendezvous
+        # timeout, abort) on 2 devices when chunks queued up unsynchronized (CamVid val).
+        acc.wait()
         if len(panels) < num_panels:
             panels += _write_panels(
                 image, label, jnp.argmax(scores, -1), valid,

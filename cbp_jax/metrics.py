@@ -171,6 +171,10 @@ class ConfusionAccumulator:
             ignore_index=self.ignore_index,
         )
 
+    def wait(self) -> None:
+        """Blocks until every update so far has run on its devices (no transfer)."""
+        jax.block_until_ready((self._device, self._device_images))
+
     def flush(self) -> None:
         """Moves the device counts into the host int64 matrix (the only read back)."""
         if self._device is None:

@@ -1,0 +1,232 @@
+"""The paper's ablations (Tables 3, 4, 5, 9, view split, lambda / phi) on real CamVid.
+
+    python bench/camvid_ablations.py --list                  # the runs, in sweep order
+    nohup python bench/camvid_ablations.py --sweep > sweep.log 2>&1 &
+    python bench/camvid_ablations.py --table                 # the results so far, as tables
+
+Each run is one ``train.py`` (or ``bench/camvid_pytorch_baseline.py``) command on
+``configs/camvid_mit_b0.py`` with the same budget (``--steps``, default 300 steps of batch
+8 at 256x256, from scratch), evaluated on CamVid val at the end. A finished run appends one
+JSON row to the results file (command, metrics, per-class IoU / F1, class separability,
+wall time, code commit). The sweep skips runs already in the results file and an
+interrupted run resumes from its workdir's checkpoint, so rerunning the sweep command
+continues where it stopped.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CONFIG = "configs/camvid_mit_b0.py"
+RARE_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist", "fence")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run: its table, the paper's row name and what differs from CBP + OCCL."""
+
+    table: str
+    row: str
+    variant: str = ""  # config variant ("baseline": learned classifier, no OCCL)
+    overrides: tuple[tuple[str, str], ...] = ()
+    seed: int = 0
+    steps: int = 300
+    pytorch: bool = False  # transformers SegFormer-B0 (bench/camvid_pytorch_baseline.py)
+
+    @property
+    def name(self) -> str:
+        row = re.sub(r"[^a-z0-9.]+", "-", self.row.lower()).strip("-")
+        return f"{self.table}_{row}_steps{self.steps}_s{self.seed}"
+
+    def command(self, workdir: str) -> list[str]:
+        if self.pytorch:
+            return [sys.executable, "bench/camvid_pytorch_baseline.py", "--workdir", workdir,
+                    "--steps", str(self.steps), "--seed", str(self.seed)]  # fmt: skip
+        config = CONFIG + (f":{self.variant}" if self.variant else "")
+        flags = {"total_steps": self.steps, "seed": self.seed, "eval.every": 0}
+        flags |= dict(self.overrides)
+        return [sys.executable, "train.py", "--config", config, "--workdir", workdir] + [
+            f"--config.{k}={v}" for k, v in flags.items()
+        ]
+
+
+def runs(steps: int, long_steps: int) -> list[Run]:
+    """Every run in sweep order: Table 3 over three seeds first, then the PyTorch check,
+    then the one-seed ablations, then Table 3 at the longer budget."""
+    table3 = [
+        ("Baseline", "baseline", ()),
+        ("CBP", "", (("loss.occl", "False"),)),
+        ("OCCL", "baseline", (("loss.occl", "True"),)),
+        ("CBP + OCCL", "", ()),
+    ]
+    out = [Run("table3", row, v, o, seed=s, steps=steps) for s in (0, 1, 2) for row, v, o in table3]
+    out.append(Run("fidelity", "PyTorch baseline", steps=steps, pytorch=True))
+    one_seed = [
+        ("table4", "Gradient", (("model.cbp_update", "gradient"),)),
+        ("table4", "EMA", (("model.cbp_update", "ema"),)),
+        ("table4", "Penalty", (("model.cbp_update", "penalty"),)),
+        ("table5", "Ortho", (("model.cbp_init", "ortho"),)),
+        ("table5", "Equal", (("model.cbp_init", "equal"),)),
+        ("views", "Random pixels", (("loss.views", "random_pixels"),)),
+    ]
+    one_seed += [("table9", f"T = {t}", (("model.cbp_length", f"{t:.1f}"),)) for t in (1, 3, 4, 5)]
+    one_seed += [
+        ("lambda", f"lambda = {v}", (("loss.centroid_weight", str(v)),)) for v in (0.5, 2.0)
+    ]
+    one_seed += [("phi", f"phi = {v}", (("loss.category_weight", str(v)),)) for v in (0.05, 0.3)]
+    out += [Run(t, row, "", o, steps=steps) for t, row, o in one_seed]
+    out += [Run("table3_long", row, v, o, steps=long_steps) for row, v, o in table3]
+    return out
+
+
+def read_results(path: str) -> dict[str, dict]:
+    """The finished runs by name (a torn last line from a crash is ignored)."""
+    if not os.path.exists(path):
+        return {}
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[row["name"]] = row
+    return rows
+
+
+def result_row(run: Run, workdir: str, command: list[str], seconds: float) -> dict:
+    """The results-file row of a finished run, from its ``eval/report.json``."""
+    with open(os.path.join(workdir, "eval", "report.json")) as f:
+        rep = json.load(f)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    extra = rep.get("extra", {})
+    return {
+        "name": run.name,
+        **dataclasses.asdict(run),
+        "command": shlex.join(["python"] + command[1:]),
+        "workdir": workdir,
+        **{k: rep["summary"][k] for k in ("mIoU", "mAcc", "aAcc")},
+        "IoU": {c["class"]: c["IoU"] for c in rep["per_class"]},
+        "F1": {c["class"]: c["F1"] for c in rep["per_class"]},
+        "prototype_analysis": extra.get("prototype_analysis"),
+        "f1_by_frequency_groups": extra.get("f1_by_frequency_groups"),
+        "seconds": round(seconds, 1),
+        "commit": commit,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def sweep(all_runs: list[Run], results: str, workdirs: str, only: set[str] | None) -> None:
+    """Runs every run not yet in ``results``, in order, appending one row per finished run."""
+    os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
+    for i, run in enumerate(all_runs):
+        if only and run.table not in only:
+            continue
+        if run.name in read_results(results):
+            continue
+        workdir = os.path.join(workdirs, run.name)
+        command = run.command(workdir)
+        print(f"[{time.strftime('%H:%M:%S')}] run {i + 1}/{len(all_runs)}: {run.name}", flush=True)
+        print("  " + shlex.join(command), flush=True)
+        start = time.time()
+        for attempt in (1, 2):  # a second attempt resumes from the run's last checkpoint
+            with open(os.path.join(workdirs, run.name + ".log"), "a") as log:
+                proc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            if proc.returncode == 0:
+                break
+            print(f"  attempt {attempt} FAILED with status {proc.returncode}: {workdir}.log")
+        if proc.returncode != 0:
+            continue
+        shown = run.command(os.path.join("workdirs", "camvid_ablations", run.name))
+        row = result_row(run, workdir, shown, time.time() - start)
+        with open(results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"  mIoU {row['mIoU']:.2f}  mAcc {row['mAcc']:.2f}  ({row['seconds']:.0f} s)",
+              flush=True)  # fmt: skip
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean +- std`` (sample std over seeds) or the single value."""
+    v = np.asarray(values, np.float64)
+    if len(v) == 1:
+        return f"{v[0]:.2f}"
+    return f"{v.mean():.2f} +- {v.std(ddof=1):.2f}"
+
+
+def tables(rows: dict[str, dict]) -> str:
+    """Markdown tables of the finished runs: per table and row, mIoU / mAcc over seeds, the
+    rare classes' IoU, class separability and the runs' commands."""
+    out = []
+    by_table: dict[str, dict[str, list[dict]]] = {}
+    for row in rows.values():
+        key = row["table"] + (f" ({row['steps']} steps)" if row["table"] else "")
+        by_table.setdefault(key, {}).setdefault(row["row"], []).append(row)
+    for table, table_rows in by_table.items():
+        out.append(f"### {table}\n")
+        out.append(
+            "| row | seeds | mIoU | mAcc | "
+            + " | ".join(RARE_CLASSES)
+            + " | class separability |\n|---|---|---|---|"
+            + "---|" * len(RARE_CLASSES)
+            + "---|"
+        )
+        for name, group in table_rows.items():
+            rare = [mean_std([g["IoU"][c] for g in group]) for c in RARE_CLASSES]
+            sep = [
+                g["prototype_analysis"]["class_separability"]
+                for g in group
+                if g.get("prototype_analysis")
+            ]
+            out.append(
+                f"| {name} | {len(group)} | {mean_std([g['mIoU'] for g in group])} | "
+                f"{mean_std([g['mAcc'] for g in group])} | "
+                + " | ".join(rare)
+                + f" | {mean_std(sep) if sep else '-'} |"
+            )
+        out.append("")
+        for name, group in table_rows.items():
+            for g in group:
+                out.append(f"- {name}, seed {g['seed']}: `{g['command']}`")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sweep", action="store_true", help="run every run not yet in --results")
+    p.add_argument("--list", action="store_true", help="print the runs and their commands")
+    p.add_argument("--table", action="store_true", help="print the results as tables")
+    p.add_argument("--only", default="", help="comma-separated tables to run, e.g. table3")
+    p.add_argument("--steps", type=int, default=300, help="the budget of every run")
+    p.add_argument("--long_steps", type=int, default=1200, help="Table 3 at a longer budget")
+    p.add_argument("--results", default="docs/results/camvid_runs.jsonl")
+    p.add_argument("--workdirs", default="workdirs/camvid_ablations")
+    a = p.parse_args()
+    all_runs = runs(a.steps, a.long_steps)
+    if a.list:
+        done = read_results(a.results)
+        for run in all_runs:
+            mark = "done" if run.name in done else "todo"
+            cmd = run.command(os.path.join(a.workdirs, run.name))
+            print(f"{mark}  {shlex.join(['python'] + cmd[1:])}")
+    if a.sweep:
+        os.makedirs(a.workdirs, exist_ok=True)
+        sweep(all_runs, a.results, a.workdirs, set(filter(None, a.only.split(","))) or None)
+    if a.table:
+        print(tables(read_results(a.results)))
+
+
+if __name__ == "__main__":
+    main()
