@@ -45,6 +45,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("total_steps", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
     ("batch_size", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
     ("log_every", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
+    ("compilation_cache", lambda x: isinstance(x, str), "'workdir', a folder path or '' (off)"),
     ("optimizer.name", _one_of("adamw", "sgd"), "'adamw' or 'sgd'"),
     ("optimizer.lr", _positive, "a finite number > 0 (e.g. 6e-5 for AdamW, 0.01 for SGD)"),
     ("optimizer.min_lr", _non_negative, "a number >= 0 and below optimizer.lr"),

@@ -27,22 +27,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from cbp_jax import compilation, inference, metrics, report, sharding, train_lib
 from cbp_jax import data as data_lib
-from cbp_jax import inference, metrics, report, sharding, train_lib
 from cbp_jax.data.transforms import MEAN, STD
-
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
-_compilations = 0
-
-
-def _count_compilation(event: str, duration: float, **kwargs) -> None:
-    del duration, kwargs
-    global _compilations
-    if event == _COMPILE_EVENT:
-        _compilations += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compilation)
 
 
 def _host(x) -> np.ndarray:
@@ -262,7 +249,7 @@ class Evaluator:
           call), ``prototype_analysis`` and ``f1_by_frequency_groups``.
         """
         c, e = self.config, self.config.eval
-        compiled_before = _compilations
+        compiled_before = compilation.compiled()
         model_state = {"params": state["params"], "model_state": state["model_state"]}
 
         def logits_fn(images):
@@ -297,7 +284,7 @@ class Evaluator:
                 progress=progress and jax.process_index() == 0,
             )
             weights = _host(self._class_weights(state["params"], state["model_state"]))
-        result["compilations"] = _compilations - compiled_before
+        result["compilations"] = compilation.compiled() - compiled_before
         logging.info("evaluation compiled %d XLA programs", result["compilations"])
         analysis = report.prototype_analysis(weights)
         # Fig. 5 groups classes by pixel frequency; the evaluated split's own label counts
@@ -338,6 +325,9 @@ def evaluate_checkpoint(
     from cbp_jax import checkpointing, trainer  # the run's factories (trainer imports us)
 
     sharding.initialize_distributed(**config.distributed)
+    compilation.enable_persistent_cache(
+        compilation.cache_dir(config.get("compilation_cache", ""), workdir)
+    )
     mesh = trainer.mesh_from_config(config)
     with jax.set_mesh(mesh):
         setup = trainer.Setup(config, mesh)

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from cbp_jax import checkpointing, config_checks, eval_lib, models, sharding, train_lib
+from cbp_jax import checkpointing, compilation, config_checks, eval_lib, models, sharding, train_lib
 from cbp_jax import data as data_lib
 from cbp_jax import preemption as preemption_lib
 from cbp_jax import workdir as workdir_lib
@@ -250,6 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         if jax.process_index() == 0:
             workdir_lib.write_config(workdir, config)
+        compilation.enable_persistent_cache(
+            compilation.cache_dir(config.get("compilation_cache", ""), workdir)
+        )
         logging.info("mesh %s over %d process(es)", dict(mesh.shape), jax.process_count())
         with jax.set_mesh(mesh):
             return _train_in_workdir(config, workdir, mesh, preemption)

@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
     c.log_every = 50
+    # XLA's compiled programs are kept here so a rerun (resume, eval.py) compiles nothing it
+    # compiled before: "workdir" (<workdir>/compilation_cache), a path, or "" (off).
+    c.compilation_cache = "workdir"
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 16000  # 0: only at the end
     c.eval.mode = "whole"  # "whole" | "slide"
