@@ -2,7 +2,7 @@
 
 ``evaluate(logits_fn, batches)`` is the one evaluation loop: test-time inference
 (``cbp_jax.inference``), the data-set confusion matrix accumulated on device and read once
-(``cbp_jax.metrics``), example panels (``cbp_jax.report``). Batches are either per-image
+(``cbp_jax.metrics``), example panels (``cbp_jax.figures``). Batches are either per-image
 NumPy examples (any model, one device) or the padded global batches of
 ``data.make_eval_loader`` with a ``valid`` mask (the pattern of big_vision's evaluators), so
 on a mesh of several processes the sums are global by construction.
@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from cbp_jax import compilation, inference, metrics, report, sharding, train_lib
+from cbp_jax import compilation, figures, inference, metrics, report, sharding, train_lib
 from cbp_jax import data as data_lib
 from cbp_jax.data.transforms import MEAN, STD
 
@@ -76,6 +76,7 @@ def evaluate(
     panel_dir: str | None = None,
     num_panels: int = 0,
     palette: np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
     mean: Sequence[float] = MEAN,
     std: Sequence[float] = STD,
     progress: bool = True,
@@ -98,16 +99,19 @@ def evaluate(
       mode, crop, stride, scale, aligned, size_divisor, ratios, flip, window_batch,
         pad_windows: see ``inference.inference``.
       ignore_index: label value left out of the metrics.
-      panel_dir: where to write ``panel_XXXX.png`` (image | ground truth | prediction).
+      panel_dir: where to write ``panel_XXXX.png`` (``figures.panel``: image | ground truth
+        | prediction | overlay, with a legend of the classes present).
       num_panels: how many panels to write (the first valid images).
       palette: (N, 3) uint8 colours; ``report.default_palette(N)`` when None.
+      class_names: N names for the panel legends; indices when None.
       mean, std: the normalization, undone for the panels.
       progress: show a tqdm progress bar (batches).
       total: length for the progress bar when ``batches`` has no ``len``.
 
     Returns:
-      ``metrics.metrics_from_confusion`` of the data-set matrix, plus ``num_images`` and
-      ``panels`` (the paths written).
+      ``metrics.metrics_from_confusion`` of the data-set matrix, plus ``num_images``,
+      ``panels`` (the paths written) and ``figures`` (``{"panels/panel_XXXX": (H, W, 3)
+      uint8}``, the panels as images; empty on processes other than 0).
     """
     from tqdm.auto import tqdm
 
@@ -115,8 +119,11 @@ def evaluate(
         raise ValueError("num_panels > 0 needs panel_dir, the folder to write the PNGs to.")
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
+    if palette is None:
+        palette = report.default_palette(num_classes)
     acc = metrics.ConfusionAccumulator(num_classes, ignore_index)
     panels: list[str] = []
+    images: dict[str, np.ndarray] = {}
     for batch in tqdm(batches, total=total, desc="eval", disable=not progress):
         image, label, valid = _as_batch(batch, num_classes, ignore_index)
         scores = inference.inference(
@@ -140,38 +147,62 @@ def evaluate(
         # timeout, abort) on 2 devices when chunks queued up unsynchronized (CamVid val).
         acc.wait()
         if len(panels) < num_panels:
-            panels += _write_panels(
-                image, label, jnp.argmax(scores, -1), valid,
-                panel_dir, range(len(panels), num_panels), palette, num_classes, ignore_index,
+            drawn = _write_panels(
+                image, label, jnp.argmax(scores, -1), valid, batch.get("name"),
+                panel_dir, range(len(panels), num_panels), palette, class_names, ignore_index,
                 mean, std,
             )  # fmt: skip
+            panels += [path for path, _ in drawn]
+            images |= {
+                f"panels/{os.path.basename(path)[:-4]}": rgb
+                for path, rgb in drawn
+                if rgb is not None
+            }
     result = metrics.metrics_from_confusion(acc.result())
     result["num_images"] = acc.num_images
     result["panels"] = panels
+    result["figures"] = images
     return result
 
 
 def _write_panels(
-    image, label, preds, valid, panel_dir, numbers, palette, num_classes, ignore_index, mean, std
-) -> list[str]:
-    """Panels of the batch's valid images, numbered from ``numbers`` (process 0 writes)."""
+    image,
+    label,
+    preds,
+    valid,
+    names,
+    panel_dir,
+    numbers,
+    palette,
+    class_names,
+    ignore_index,
+    mean,
+    std,
+) -> list[tuple[str, np.ndarray | None]]:
+    """``(path, (H, W, 3) uint8 or None)`` per valid image of the batch, numbered from
+    ``numbers``; process 0 draws and writes them (the others get None)."""
     image, label, preds = _host(image), _host(label), _host(preds)
     keep = np.ones(len(image), bool) if valid is None else _host(valid).astype(bool)
-    paths = []
+    names = [names] if isinstance(names, str) else names
+    if names is None or len(names) != len(image):  # names are per process
+        names = [None] * len(image)
+    drawn = []
     for k, number in zip(np.flatnonzero(keep), numbers, strict=False):
         path = os.path.join(panel_dir, f"panel_{number:04d}.png")
+        rgb = None
         if jax.process_index() == 0:
-            report.save_panel(
-                path,
+            rgb = figures.panel(
                 report.denormalize(image[k], mean, std),
                 label[k],
                 preds[k],
-                palette=palette,
-                num_classes=num_classes,
+                palette,
+                class_names,
+                title=names[k] or None,
                 ignore_index=ignore_index,
+                path=path,
             )
-        paths.append(path)
-    return paths
+        drawn.append((path, rgb))
+    return drawn
 
 
 # ----------------------------------------------------------------------------- runs
@@ -200,6 +231,9 @@ def eval_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
     if config.eval.dtype:
         config.model.dtype = config.eval.dtype
     return train_lib.split_model(nnx.eval_shape(lambda: trainer.model_from_config(config)))[0]
+
+
+_CLASSIFIER_TITLES = {"cbp": "CBP", "linear": "learned"}  # config.model.classifier
 
 
 class Evaluator:
@@ -240,13 +274,27 @@ class Evaluator:
         out_dir: str | None = None,
         progress: bool = True,
         extra: dict | None = None,
+        compare_weights: np.ndarray | None = None,
+        compare_name: str = "learned",
     ) -> dict[str, Any]:
-        """Evaluates ``state``; writes ``report.json``, panels and the cosine heatmap to
+        """Evaluates ``state``; writes ``report.json``, ``panels/panel_XXXX.png``, the cosine
+        heatmap ``prototype_cosine.png`` (Fig. 6) and ``f1_by_frequency.png`` (Fig. 5) to
         ``out_dir`` (process 0) when given. Every process must call it.
+
+        Args:
+          state: the train state (``params``, ``model_state``).
+          out_dir: where to write the report and figures; None writes and draws nothing.
+          progress: show a progress bar.
+          extra: more entries for the report's ``extra``.
+          compare_weights: (N, C) rows of another classifier of the same classes (e.g. a
+            learned baseline's) to draw beside this one in ``prototype_cosine_pair.png``.
+          compare_name: the title of ``compare_weights``' heatmap.
 
         Returns:
           The metrics of ``evaluate`` plus ``compilations`` (XLA programs compiled by this
-          call), ``prototype_analysis`` and ``f1_by_frequency_groups``.
+          call), ``prototype_analysis``, ``f1_by_frequency_groups`` and ``figures``
+          (``{name: (H, W, 3) uint8}``, the written PNGs by path under ``out_dir`` without
+          ``.png``, e.g. for TensorBoard; empty without ``out_dir`` and off process 0).
         """
         c, e = self.config, self.config.eval
         compiled_before = compilation.compiled()
@@ -281,6 +329,7 @@ class Evaluator:
                 panel_dir=os.path.join(out_dir, "panels") if num_panels else None,
                 num_panels=num_panels,
                 palette=np.asarray(self.source.palette, np.uint8),
+                class_names=self.source.class_names,
                 progress=progress and jax.process_index() == 0,
             )
             weights = _host(self._class_weights(state["params"], state["model_state"]))
@@ -297,7 +346,9 @@ class Evaluator:
         )
         if out_dir is not None and jax.process_index() == 0:
             os.makedirs(out_dir, exist_ok=True)
-            report.save_similarity_heatmap(os.path.join(out_dir, "prototype_cosine.png"), weights)
+            result["figures"] |= self._draw_figures(
+                out_dir, weights, analysis, groups, compare_weights, compare_name
+            )
             report.write_report(
                 os.path.join(out_dir, "report.json"),
                 result,
@@ -311,6 +362,38 @@ class Evaluator:
             )
             print(metrics.format_class_table(result, self.source.class_names))
         return result | {"prototype_analysis": analysis, "f1_by_frequency_groups": groups}
+
+    def _draw_figures(
+        self, out_dir, weights, analysis, groups, compare_weights, compare_name
+    ) -> dict[str, np.ndarray]:
+        """Fig. 6 (and its pair with ``compare_weights``) and Fig. 5 as PNGs in ``out_dir``;
+        returns them as ``{file name without .png: (H, W, 3) uint8}``."""
+        names = self.source.class_names
+        model = _CLASSIFIER_TITLES.get(self.config.model.classifier, self.config.model.classifier)
+        cos = report.cosine_similarity_matrix(weights)
+        out = {
+            "prototype_cosine": figures.cosine_heatmap(
+                cos,
+                names,
+                title=f"Cosine similarity of the {model} classifier's class weights",
+                class_separability=analysis["class_separability"],
+                path=os.path.join(out_dir, "prototype_cosine.png"),
+            ),
+            "f1_by_frequency": figures.f1_by_frequency(
+                {model: groups},
+                title=f"Mean F1 by class frequency on {self.config.data.eval_split} (Fig. 5)",
+                path=os.path.join(out_dir, "f1_by_frequency.png"),
+            ),
+        }
+        if compare_weights is not None:
+            out["prototype_cosine_pair"] = figures.cosine_heatmap_pair(
+                report.cosine_similarity_matrix(compare_weights),
+                cos,
+                names,
+                titles=(compare_name, model),
+                path=os.path.join(out_dir, "prototype_cosine_pair.png"),
+            )
+        return out
 
 
 def evaluate_checkpoint(

@@ -1,7 +1,7 @@
-"""Reports and the paper's analyses: JSON report, example panels, the prototype cosine
-heatmap (Fig. 6), class separability (Eq. 8) and F1 by class-frequency groups (Fig. 5).
+"""Reports and the paper's analyses: JSON report, label colours, the prototype cosine
+matrix (Fig. 6), class separability (Eq. 8) and F1 by class-frequency groups (Fig. 5).
 
-Host-side NumPy / PIL; nothing here runs on the mesh.
+Host-side NumPy; nothing here runs on the mesh. ``cbp_jax.figures`` draws them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from cbp_jax import prototypes as prototypes_lib
 from cbp_jax.data.transforms import MEAN, STD
@@ -108,40 +107,6 @@ def denormalize(
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def save_panel(
-    path: str,
-    image: np.ndarray,
-    label: np.ndarray,
-    pred: np.ndarray,
-    *,
-    palette: np.ndarray | None = None,
-    num_classes: int | None = None,
-    ignore_index: int = 255,
-    gap: int = 4,
-) -> None:
-    """Writes an (H0, 3 * W0 + 2 * gap) PNG: image | ground truth | prediction.
-
-    Args:
-      image: (H, W, 3) uint8 RGB at any size; resized (bilinear) to the label size.
-      label, pred: (H0, W0) int class maps.
-      palette: (N, 3) uint8; ``default_palette(num_classes)`` when None.
-    """
-    if palette is None:
-        if num_classes is None:
-            raise ValueError("save_panel needs a palette or num_classes to build one.")
-        palette = default_palette(num_classes)
-    h, w = label.shape
-    img = Image.fromarray(np.asarray(image, np.uint8))
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR)
-    canvas = np.full((h, 3 * w + 2 * gap, 3), 255, np.uint8)
-    canvas[:, :w] = np.asarray(img)
-    canvas[:, w + gap : 2 * w + gap] = colorize(label, palette, ignore_index)
-    canvas[:, 2 * w + 2 * gap :] = colorize(pred, palette, ignore_index)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(canvas).save(path)
-
-
 def cosine_similarity_matrix(prototypes: jax.Array | np.ndarray) -> np.ndarray:
     """(N, C) -> (N, N) float32 cosine similarities of the rows (``prototypes.cosine_matrix``)."""
     w = np.asarray(prototypes, np.float32)
@@ -161,47 +126,6 @@ def prototype_analysis(prototypes: jax.Array | np.ndarray) -> dict[str, float]:
         "norm_min": float(norms.min()),
         "norm_max": float(norms.max()),
     }
-
-
-def _diverging(v: np.ndarray) -> np.ndarray:
-    """[-1, 1] -> uint8 RGB: blue (-1), white (0), red (+1)."""
-    v = np.clip(np.asarray(v, np.float64), -1.0, 1.0)[..., None]
-    white = np.array([255.0, 255.0, 255.0])
-    red = np.array([178.0, 24.0, 43.0])
-    blue = np.array([33.0, 102.0, 172.0])
-    rgb = np.where(v >= 0, white + v * (red - white), white + (-v) * (blue - white))
-    return np.rint(rgb).astype(np.uint8)
-
-
-def save_similarity_heatmap(
-    path: str,
-    prototypes: jax.Array | np.ndarray,
-    *,
-    indices: Sequence[int] | None = None,
-    cell: int = 8,
-) -> np.ndarray:
-    """Fig. 6: the prototype cosine-similarity matrix as a PNG heatmap.
-
-    Cell (i, j) of ``cell x cell`` pixels is coloured blue (-1) / white (0) / red (+1). The
-    paper shows a random subset of ADE20K's 150 classes: pass ``indices``.
-
-    Args:
-      path: the PNG to write.
-      prototypes: (N, C) classifier rows.
-      indices: the classes to show, in order; all when None.
-      cell: pixels per matrix cell.
-
-    Returns:
-      The (n, n) cosine matrix that was drawn; the image is (n * cell, n * cell).
-    """
-    cos = cosine_similarity_matrix(prototypes)
-    if indices is not None:
-        idx = np.asarray(indices, np.int64)
-        cos = cos[np.ix_(idx, idx)]
-    img = np.repeat(np.repeat(_diverging(cos), cell, 0), cell, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(img).save(path)
-    return cos
 
 
 def class_pixel_counts(

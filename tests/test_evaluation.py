@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -361,6 +362,7 @@ def test_evaluate_report_and_panels(tmp_path):
         num_classes=N,
         panel_dir=str(tmp_path / "panels"),
         num_panels=2,
+        class_names=[f"c{i}" for i in range(N)],
         progress=False,
     )
     ref = np_mmseg_metrics(labels_list, preds_list, N)
@@ -368,13 +370,11 @@ def test_evaluate_report_and_panels(tmp_path):
     assert result["aAcc"] == pytest.approx(ref["aAcc"], rel=1e-12)
     assert result["num_images"] == 3
 
-    assert len(result["panels"]) == 2
-    panel = read_png(result["panels"][0])
-    assert panel.shape == (20, 3 * 28 + 2 * 4, 3)
-    pal = report.default_palette(N)
-    gt_part = panel[:, 28 + 4 : 2 * 28 + 4]
-    np.testing.assert_array_equal(gt_part, report.colorize(labels_list[0], pal))
-    np.testing.assert_array_equal(panel[:, -28:], report.colorize(preds_list[0], pal))
+    assert [os.path.basename(p) for p in result["panels"]] == ["panel_0000.png", "panel_0001.png"]
+    assert sorted(result["figures"]) == ["panels/panel_0000", "panels/panel_0001"]
+    for path in result["panels"]:  # the drawn figures are what was written
+        key = f"panels/{os.path.basename(path)[:-4]}"
+        np.testing.assert_array_equal(read_png(path)[..., :3], result["figures"][key])
 
     groups = report.f1_by_frequency_groups(result["F1"], np.arange(N) + 1, num_groups=2)
     path = tmp_path / "report.json"
@@ -429,18 +429,16 @@ def test_f1_by_frequency_groups_constructed():
     np.testing.assert_array_equal(counts_from_labels, [1, 3, 3, 0])
 
 
-def test_similarity_heatmap_png(tmp_path):
+def test_cosine_similarity_matrix():
     w = np.eye(6, 16) * 2.0
     w[5] = w[0] + w[1]  # cos 1/sqrt(2) with rows 0 and 1
-    path = tmp_path / "heat.png"
-    cos = report.save_similarity_heatmap(str(path), w, cell=5)
-    img = read_png(path)
-    assert img.shape == (30, 30, 3)
+    cos = report.cosine_similarity_matrix(w)
     np.testing.assert_allclose(cos[5, 0], 1 / np.sqrt(2), rtol=1e-6)
-    assert tuple(img[2, 2]) == (178, 24, 43)  # diagonal: +1 red
-    assert tuple(img[2, 7]) == (255, 255, 255)  # orthogonal: white
-    sub = report.save_similarity_heatmap(str(path), w, indices=[5, 0], cell=3)
-    assert read_png(path).shape == (6, 6, 3) and sub.shape == (2, 2)
+    np.testing.assert_allclose(np.diag(cos), 1.0, rtol=1e-6)
+    assert cos[2, 3] == 0.0
+    w[4] = 0.0
+    with pytest.raises(ValueError, match="zero norm"):
+        report.cosine_similarity_matrix(w)
 
 
 def test_prototype_analysis_class_separability():
