@@ -215,11 +215,76 @@ def tables(rows: dict[str, dict]) -> str:
     return "\n".join(out)
 
 
+def class_weights(workdir: str) -> np.ndarray:
+    """(N, C) float32 classifier matrix (prototypes or learned weights) of a finished run."""
+    import jax
+    import ml_collections
+    from flax import nnx
+
+    from cbp_jax import checkpointing, trainer
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    mesh = trainer.mesh_from_config(config)
+    with jax.set_mesh(mesh):
+        setup = trainer.Setup(config, mesh)
+        checkpointer = checkpointing.Checkpointer(
+            os.path.join(workdir, "checkpoints"), every=1, async_save=False
+        )
+        state, _ = checkpointer.restore(checkpointer.latest_step(), setup.init_state())
+        checkpointer.close()
+        model = nnx.merge(setup.graphdef, state["params"], state["model_state"])
+        return np.asarray(jax.device_get(model.classifier.class_weights()), np.float32)
+
+
+def write_figures(rows: dict[str, dict], out_dir: str, steps: int) -> list[str]:
+    """Fig. 5 (F1 by class-frequency group, learned vs CBP + OCCL, mean over seeds) and
+    Fig. 6 (prototype cosine heatmaps, learned vs CBP, seed 0) of Table 3's runs."""
+    from cbp_jax import figures, report
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    table3 = [r for r in rows.values() if r["table"] == "table3" and r["steps"] == steps]
+    series = {}
+    for name in ("Baseline", "CBP", "OCCL", "CBP + OCCL"):
+        group = [r for r in table3 if r["row"] == name]
+        if not group:
+            continue
+        groups = [dict(g) for g in group[0]["f1_by_frequency_groups"]]
+        for i, g in enumerate(groups):
+            g["mean_f1"] = float(
+                np.nanmean([r["f1_by_frequency_groups"][i]["mean_f1"] for r in group])
+            )
+        series[f"{name} ({len(group)} seeds)"] = groups
+    if series:
+        path = os.path.join(out_dir, "fig5_f1_by_frequency.png")
+        figures.f1_by_frequency(
+            series, title=f"CamVid val, {steps} steps: F1 by class frequency", path=path
+        )
+        written.append(path)
+    seed0 = {r["row"]: r for r in table3 if r["seed"] == 0}
+    if "Baseline" in seed0 and "CBP + OCCL" in seed0:
+        learned = class_weights(seed0["Baseline"]["workdir"])
+        cbp = class_weights(seed0["CBP + OCCL"]["workdir"])
+        names = list(seed0["Baseline"]["IoU"])
+        path = os.path.join(out_dir, "fig6_prototype_cosine.png")
+        figures.cosine_heatmap_pair(
+            report.cosine_similarity_matrix(learned),
+            report.cosine_similarity_matrix(cbp),
+            names,
+            titles=("learned classifier (Baseline)", "CBP (CBP + OCCL)"),
+            path=path,
+        )
+        written.append(path)
+    return written
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sweep", action="store_true", help="run every run not yet in --results")
     p.add_argument("--list", action="store_true", help="print the runs and their commands")
     p.add_argument("--table", action="store_true", help="print the results as tables")
+    p.add_argument("--figures", default="", help="write Fig. 5 and Fig. 6 PNGs to this folder")
     p.add_argument("--only", default="", help="comma-separated tables to run, e.g. table3")
     p.add_argument("--steps", type=int, default=300, help="the budget of every run")
     p.add_argument("--long_steps", type=int, default=1200, help="Table 3 at a longer budget")
@@ -240,6 +305,9 @@ def main() -> None:
         sweep(all_runs, a.results, a.workdirs, only, a.devices)
     if a.table:
         print(tables(read_results(a.results)))
+    if a.figures:
+        for path in write_figures(read_results(a.results), a.figures, a.steps):
+            print("wrote", path)
 
 
 if __name__ == "__main__":
