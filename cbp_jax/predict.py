@@ -140,6 +140,10 @@ class Segmenter:
         """Class ids: uint8 RGB (H, W, 3) -> int32 (H, W); (B, H, W, 3) -> (B, H, W)."""
         return np.asarray(jnp.argmax(self._scores(images), -1).astype(jnp.int32))
 
+    def network(self, x: np.ndarray) -> jax.Array:
+        """The bare network: normalized float32 (B, h, w, 3) -> logits (B, h/4, w/4, N)."""
+        return self._predict(self.state, jax.device_put(np.asarray(x, np.float32), self.device))
+
     def model(self):
         """The ``nnx`` segmentor (eval compute dtype) with the loaded weights."""
         from flax import nnx
