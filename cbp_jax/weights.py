@@ -559,6 +559,78 @@ FORMATS = (
     ),
 )
 
+# ----------------------------------------------------------------------------- inverse maps
+
+# Our layout -> PyTorch's, for each forward transform (an export writes these).
+_INVERSE: dict[Callable, Callable] = {
+    _linear: lambda w: w.T,  # (in, out) -> (out, in)
+    _conv: lambda w: w.transpose(3, 2, 0, 1),  # (kh, kw, I, O) -> (O, I, kh, kw)
+    _conv1x1_as_linear: lambda w: w.T[:, :, None, None],  # (in, out) -> (out, in, 1, 1)
+    _same: _same,
+}
+
+
+def _template(pattern: str) -> str:
+    """A forward rule's source regex as a format string: ``(\\d+)`` -> ``{}``, ``\\.`` -> ``.``,
+    an alternation ``(?:a|b)`` -> its first name ``a`` (the v4 names transformers writes)."""
+    t = re.sub(r"\(\?:([^|()]*)(?:\|[^()]*)?\)", r"\1", pattern)
+    t = t.replace(r"(\d+)", "{}").replace("\\.", ".")
+    if re.search(r"[\\()\[\]|?*+^$]", t):
+        raise ValueError(f"the key rule {pattern!r} has no inverse here (only (\\d+) groups).")
+    return t
+
+
+def invert_rules(rules: list[Rule], *, src_prefix: str = "", dst_prefix: str = "") -> list[Rule]:
+    """The inverse of a key map: our variable names -> checkpoint keys and layouts.
+
+    Each forward rule ``checkpoint regex -> [(our name template, transform)]`` becomes
+    ``our name regex -> [(checkpoint key template, inverse transform)]``; rules that write
+    nothing (``num_batches_tracked``) are left out.
+
+    Args:
+      rules: a forward table such as ``HF_MIT_V4``.
+      src_prefix: prepended to the checkpoint keys (e.g. ``"segformer."``).
+      dst_prefix: prepended to our names (e.g. ``"encoder."`` for a segmentor's encoder).
+    """
+    out = []
+    for pat, dsts in rules:
+        if not dsts:
+            continue
+        if len(dsts) != 1 or callable(dsts[0][0]):
+            raise ValueError(f"the key rule {pat.pattern!r} has no one-to-one inverse.")
+        dst, fn = dsts[0]
+        ours = r"(\d+)".join(re.escape(part) for part in (dst_prefix + dst).split("{}"))
+        out.append((re.compile(ours), [(src_prefix + _template(pat.pattern), _INVERSE[fn])]))
+    return out
+
+
+# A SegFormer with the HF head (``head="mlp"``) -> ``SegformerForSemanticSegmentation`` (v4
+# names). The classifier rule covers the learned classifier; a CBP classifier's prototypes
+# are written by ``cbp_jax.export``.
+HF_SEGFORMER_EXPORT = invert_rules(
+    HF_MIT_V4, src_prefix="segformer.", dst_prefix="encoder."
+) + invert_rules(HF_SEGFORMER_HEAD)
+
+
+def export_state_dict(module: nnx.Module, rules: list[Rule]) -> dict[str, np.ndarray]:
+    """``{checkpoint key: array}`` of every ``Param`` / ``BatchStat`` of ``module`` by the
+    inverse ``rules``; a variable that no rule maps is an error listing them."""
+    out, unmapped = {}, []
+    for name, var in _targets(module).items():
+        mapped = _match(rules, name)
+        if mapped is None:
+            unmapped.append(name)
+            continue
+        for key, fn in mapped:
+            out[key] = np.ascontiguousarray(fn(np.asarray(var[...], np.float32)))
+    if unmapped:
+        raise ValueError(
+            f"{len(unmapped)} variables have no key in the export layout (another "
+            "architecture?): " + ", ".join(unmapped[:12]) + (" ..." if len(unmapped) > 12 else "")
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- reading
 
 

@@ -1,0 +1,251 @@
+"""Exports a trained model to run without this code: a serialized ``jax.export`` artifact,
+or (SegFormer with the HF head) a transformers ``SegformerForSemanticSegmentation`` folder.
+
+``export_jax``: the whole-image network at a fixed (H, W), uint8 RGB (B, H, W, 3) in,
+float32 logits (B, H, W, N) out (normalization inside, logits resized to the input as
+evaluation's whole mode does), B symbolic. The weights are baked in as constants, so the
+file is the model: loading it needs only ``jax`` (``jax.export.deserialize``) and no pytree
+types, weights file or model code, at the cost of one export per set of weights. Slide
+windows and multi-scale / flip are host-side loops around such a network
+(``cbp_jax.inference``); this artifact is the single-view network. A JSON file beside it
+says what goes in and out, the class names and the palette.
+
+``export_hf_segformer``: the encoder and decode head map back through the inverse of
+``weights.HF_SEGFORMER_HEAD`` / ``HF_MIT_V4``; a CBP classifier becomes the 1x1 conv
+``decode_head.classifier`` with the prototypes (N, D) as its weight and bias 0 (logits
+``features @ W^T`` are exactly that conv), a learned classifier its own weight and bias.
+transformers' SegFormer uses LayerNorm eps 1e-5 everywhere; a model trained with another
+eps (mmseg's 1e-6) is exported as it is and the export reports the logit difference it
+measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cbp_jax import train_lib, weights
+from cbp_jax.data.transforms import MEAN, STD
+from cbp_jax.models.layers import resize_bilinear
+from cbp_jax.predict import Segmenter
+
+HF_LAYER_NORM_EPS = 1e-5  # transformers' SegFormer ignores config.layer_norm_eps
+
+
+class MissingDependencyError(RuntimeError):
+    """An optional package an export needs is not installed (the message says which)."""
+
+
+# ----------------------------------------------------------------------------- jax.export
+
+
+def serving_fn(segmenter: Segmenter, size_hw: tuple[int, int]):
+    """``f(images uint8 (B, H, W, 3)) -> logits float32 (B, H, W, N)`` with the weights as
+    constants: the test-time normalization, the network (eval mode, ``config.eval.dtype``)
+    and the bilinear resize back to (H, W)."""
+    state = jax.device_get(segmenter.state)  # NumPy: lowered as constants
+    predict = train_lib.make_predict_fn(segmenter.graphdef)
+    mean = np.asarray(MEAN, np.float32)
+    inv_std = 1.0 / np.asarray(STD, np.float32)  # as data.transforms.normalize
+
+    def serve(images: jax.Array) -> jax.Array:
+        x = (images.astype(jnp.float32) - mean) * inv_std
+        return resize_bilinear(predict(state, x), size_hw)
+
+    return serve
+
+
+def export_jax(
+    segmenter: Segmenter,
+    path: str,
+    *,
+    size_hw: tuple[int, int],
+    platforms: Sequence[str] | None = None,
+    batch_size: int | None = None,
+) -> jax.export.Exported:
+    """Serializes the network to ``path`` (and ``path + ".json"``).
+
+    Args:
+      segmenter: the model.
+      path: the file to write.
+      size_hw: the fixed input (H, W).
+      platforms: e.g. ``("cpu", "cuda")``; default the current backend's.
+      batch_size: a fixed batch; None makes it symbolic (any B).
+
+    Returns:
+      The ``jax.export.Exported``.
+    """
+    h, w = (int(v) for v in size_hw)
+    if min(h, w) < 32:
+        raise ValueError(f"size {size_hw}: each side must be at least 32 (the encoder's stride).")
+    batch = jax.export.symbolic_shape("b")[0] if batch_size is None else int(batch_size)
+    spec = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.uint8)
+    try:
+        import flatbuffers  # noqa: F401 -- what Exported.serialize needs
+    except ImportError as e:
+        raise MissingDependencyError(
+            'Serializing a jax.export artifact needs flatbuffers: pip install -e ".[export]" '
+            "(or pip install flatbuffers); loading it needs the same."
+        ) from e
+    exported = jax.export.export(
+        jax.jit(serving_fn(segmenter, (h, w))),
+        platforms=tuple(platforms) if platforms else None,
+    )(spec)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+    n = segmenter.num_classes
+    meta = {
+        "format": "jax.export (load: jax.export.deserialize(bytearray(open(path, 'rb').read())))",
+        "input": {
+            "dtype": "uint8",
+            "shape": ["B" if batch_size is None else batch, h, w, 3],
+            "layout": "RGB, 0..255; resize images to this size first",
+        },  # fmt: skip
+        "output": {
+            "dtype": "float32",
+            "shape": ["B" if batch_size is None else batch, h, w, n],
+            "meaning": "logits; argmax over the last axis gives the class ids",
+        },  # fmt: skip
+        "platforms": list(exported.platforms),
+        "model": segmenter.config.model.name,
+        "weights": segmenter.loaded_from,
+        "class_names": list(segmenter.class_names),
+        "palette": np.asarray(segmenter.palette).tolist(),
+    }
+    with open(path + ".json", "w") as f:
+        json.dump(meta, f, indent=1)
+    return exported
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def check_hf_exportable(config) -> None:
+    """Raises ValueError unless ``config`` builds a SegFormer transformers can hold."""
+    m = config.model
+    problems = []
+    if not m.name.startswith("segformer_"):
+        problems.append(f"config.model.name={m.name!r} is not a SegFormer")
+    if m.get("head") != "mlp":
+        problems.append(
+            f"config.model.head={m.get('head')!r}: transformers' SegFormer has the HF/NVlabs "
+            "all-MLP head, head='mlp' here (train with --config.model.head=mlp)"
+        )
+    if m.get("classifier", "cbp") == "cbp" and m.get("cbp_normalize_features"):
+        problems.append(
+            "config.model.cbp_normalize_features=True: a cosine classifier is not a 1x1 conv"
+        )
+    if problems:
+        raise ValueError("Cannot export to transformers: " + "; ".join(problems) + ".")
+
+
+def hf_config(segmenter: Segmenter):
+    """The ``transformers.SegformerConfig`` of the segmenter's model."""
+    import transformers
+
+    model = segmenter.model()
+    enc = model.encoder.config
+    names = segmenter.class_names
+    return transformers.SegformerConfig(
+        num_channels=enc.in_channels,
+        num_encoder_blocks=len(enc.depths),
+        depths=list(enc.depths),
+        sr_ratios=list(enc.sr_ratios),
+        hidden_sizes=list(enc.embed_dims),
+        patch_sizes=list(enc.patch_sizes),
+        strides=list(enc.strides),
+        num_attention_heads=list(enc.num_heads),
+        mlp_ratios=[enc.mlp_ratio] * len(enc.depths),
+        hidden_act="gelu",
+        decoder_hidden_size=model.head.width,
+        layer_norm_eps=HF_LAYER_NORM_EPS,
+        semantic_loss_ignore_index=255,
+        num_labels=segmenter.num_classes,
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+    )
+
+
+def hf_state_dict(segmenter: Segmenter) -> dict[str, np.ndarray]:
+    """``SegformerForSemanticSegmentation`` tensors (v4 names, PyTorch layouts) of the model;
+    CBP prototypes (N, D) become ``decode_head.classifier`` (N, D, 1, 1) with bias 0."""
+    check_hf_exportable(segmenter.config)
+    model = segmenter.model()
+    cbp = segmenter.config.model.get("classifier", "cbp") == "cbp"
+    model.aux_head = model.aux_classifier = None  # training-only; HF has none
+    if cbp:
+        prototypes = np.asarray(model.classifier.class_weights(), np.float32)
+        model.classifier = None
+    sd = weights.export_state_dict(model, weights.HF_SEGFORMER_EXPORT)
+    if cbp:
+        sd["decode_head.classifier.weight"] = prototypes[:, :, None, None]
+        sd["decode_head.classifier.bias"] = np.zeros(len(prototypes), np.float32)
+    sd["decode_head.batch_norm.num_batches_tracked"] = np.zeros((), np.int64)  # unused in eval
+    return sd
+
+
+def export_hf_segformer(
+    segmenter: Segmenter, out_dir: str, *, check_size_hw: tuple[int, int] = (128, 128)
+) -> dict[str, Any]:
+    """Writes a ``SegformerForSemanticSegmentation`` folder (``save_pretrained``) and checks
+    it: PyTorch's logits against ours on a fixed random image of ``check_size_hw``.
+
+    Returns:
+      ``{"path", "max_abs_logit_diff", "notes"}`` (notes: e.g. a LayerNorm eps that
+      transformers cannot express).
+
+    Raises:
+      ValueError: the model is not a SegFormer with ``head="mlp"`` or has a cosine classifier.
+      MissingDependencyError: torch or transformers is missing (the message says what to install).
+    """
+    check_hf_exportable(segmenter.config)
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"Exporting to transformers needs torch and transformers ({e}): pip install "
+            "torch transformers (the CPU wheel of torch is enough)."
+        ) from e
+    # transformers 5 keeps other names in memory than on disk; the v4 names written here are
+    # what both versions read, so load them as a user would and let save_pretrained rewrite.
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    hf_config(segmenter).save_pretrained(out_dir)
+    save_file(hf_state_dict(segmenter), os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    hf, info = transformers.SegformerForSemanticSegmentation.from_pretrained(
+        out_dir, output_loading_info=True
+    )
+    wrong = [*info["missing_keys"], *info["unexpected_keys"], *info.get("mismatched_keys", [])]
+    if wrong:
+        raise ValueError(
+            f"transformers {transformers.__version__} did not load every tensor of the export "
+            f"in {out_dir} (missing, unexpected or mismatched: {sorted(map(str, wrong))[:8]}); "
+            "the key tables of cbp_jax.weights need updating for this version."
+        )
+    hf.eval()
+    hf.save_pretrained(out_dir)
+
+    image = np.random.default_rng(0).normal(size=(1, *check_size_hw, 3)).astype(np.float32)
+    ours = np.asarray(segmenter.network(image))
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(image.transpose(0, 3, 1, 2).copy())).logits
+    diff = float(np.abs(ours - theirs.numpy().transpose(0, 2, 3, 1)).max())
+    notes = []
+    enc = segmenter.model().encoder.config
+    eps = {enc.norm_eps, enc.norm_eps if enc.patch_norm_eps is None else enc.patch_norm_eps}
+    if eps != {HF_LAYER_NORM_EPS}:
+        notes.append(
+            f"the model's LayerNorm eps {sorted(eps)} differs from transformers' fixed "
+            f"{HF_LAYER_NORM_EPS}: logits differ by up to {diff:.2g} on the check image"
+        )
+    return {"path": out_dir, "max_abs_logit_diff": diff, "notes": notes}

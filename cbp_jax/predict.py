@@ -1,0 +1,432 @@
+"""Inference on new data: a :class:`Segmenter` (load once, call on arrays) and the file side
+of ``predict.py`` (images, folders, videos -> label PNGs and overlays).
+
+    seg = Segmenter.from_workdir(config, "workdirs/scenes_mit_b0")   # or .from_weights(...)
+    classes = seg(image)            # uint8 (H, W, 3) RGB -> int32 (H, W) class ids
+    scores = seg.logits(image)      # float32 (H, W, N)
+    classes = seg(frames)           # (B, H, W, 3) images of one size -> (B, H, W)
+
+The Segmenter runs what evaluation runs: the test transform of ``config.data`` (keep-ratio
+resize to ``test_scale``, optional aligned resize, normalization), the model in
+``config.eval.dtype`` and ``cbp_jax.inference`` with the mode, windows, ratios and flip of
+``config.eval``, back at the input's size; so its classes are evaluation's. It runs on one
+device (the first, or ``device``); the model compiles once per input size and is reused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from cbp_jax import data as data_lib
+from cbp_jax import eval_lib, inference, report, sharding, train_lib
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+FORMATS = ("palette", "ids")
+
+
+class Segmenter:
+    """A trained segmentor ready for inference on arrays.
+
+    Build it with :meth:`from_workdir` or :meth:`from_weights`.
+
+    Args:
+      config: the run's config (``model``, ``data.test_scale``, ``data.aligned_resize``,
+        ``data.num_classes``, ``eval``).
+      state: ``{"params", "model_state"}`` of the model (any placement; copied to ``device``).
+      device: where to run (default the first device).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, state: dict, device=None):
+        self.config = config
+        self.device = device or jax.devices()[0]
+        self.graphdef = eval_lib.eval_graphdef(config)
+        self.state = jax.device_put({k: state[k] for k in ("params", "model_state")}, self.device)
+        self.num_classes = int(config.data.num_classes)
+        self.transform = data_lib.test_transform(
+            tuple(config.data.test_scale), aligned=config.data.aligned_resize
+        )
+        self._predict = jax.jit(train_lib.make_predict_fn(self.graphdef))
+        self.loaded_from: str | None = None  # the checkpoint or file, for messages
+        info = _dataset_info(config)
+        self.class_names = (
+            tuple(info.class_names) if info else tuple(map(str, range(self.num_classes)))
+        )
+        self.palette = (
+            np.asarray(info.palette, np.uint8) if info else report.default_palette(self.num_classes)
+        )
+
+    # ------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_workdir(
+        cls, config: ml_collections.ConfigDict, workdir: str, step: int | None = None, **kwargs
+    ) -> Segmenter:
+        """The workdir's checkpoint ``step`` (default the latest), as ``eval.py`` loads it.
+
+        Raises:
+          FileNotFoundError: no such workdir, checkpoint or step (the message lists them).
+          workdir.ConfigMismatchError: ``config`` builds another model than the workdir's.
+        """
+        from cbp_jax import checkpointing
+        from cbp_jax import workdir as workdir_lib
+
+        workdir_lib.check_evaluable(workdir, config, step)
+        setup, state = _fresh_state(config)
+        checkpointer = checkpointing.Checkpointer(
+            os.path.join(workdir, "checkpoints"), every=1, async_save=False
+        )
+        try:
+            step = checkpointer.latest_step() if step is None else step
+            state, _ = checkpointer.restore(step, state)
+        finally:
+            checkpointer.close()
+        segmenter = cls(config, state, **kwargs)
+        segmenter.loaded_from = f"{os.path.abspath(workdir)} step {step}"
+        return segmenter
+
+    @classmethod
+    def from_weights(cls, config: ml_collections.ConfigDict, path: str, **kwargs) -> Segmenter:
+        """Converted weights (any format ``cbp_jax.weights`` reads) holding a whole segmentor.
+
+        Raises:
+          ValueError: the file does not match the model, or holds no decode head (an
+            encoder-only pretraining checkpoint cannot segment: train from it first).
+        """
+        from flax import nnx
+
+        from cbp_jax import weights
+
+        setup, state = _fresh_state(config)
+        model = nnx.merge(setup.graphdef, state["params"], state["model_state"])
+        loaded = weights.load_pretrained(
+            model, path, trust_pickle=config.get("trust_pickle", False), verbose=False
+        )
+        fresh = sorted(set(loaded.fresh) & {"head", "classifier"})
+        if fresh:
+            raise ValueError(
+                f"{path} has no weights for the model's {' and '.join(fresh)} (an encoder-only "
+                "checkpoint?): it cannot segment as it is. Train from it (python train.py "
+                f"--config ... --config.init_from={path}) and predict with --workdir."
+            )
+        _, params, model_state = train_lib.split_model(model)
+        segmenter = cls(config, {"params": params, "model_state": model_state}, **kwargs)
+        segmenter.loaded_from = loaded.path
+        return segmenter
+
+    # ------------------------------------------------------------------------- inference
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Class scores at the input's size, as evaluation computes them.
+
+        Args:
+          images: uint8 RGB (H, W, 3), or (B, H, W, 3) images of one size.
+
+        Returns:
+          float32 (H, W, N) or (B, H, W, N): logits, or the mean softmax probabilities when
+          ``config.eval`` asks for several ratios or flip.
+        """
+        return np.asarray(self._scores(images))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Class ids: uint8 RGB (H, W, 3) -> int32 (H, W); (B, H, W, 3) -> (B, H, W)."""
+        return np.asarray(jnp.argmax(self._scores(images), -1).astype(jnp.int32))
+
+    def network(self, x: np.ndarray) -> jax.Array:
+        """The bare network: normalized float32 (B, h, w, 3) -> logits (B, h/4, w/4, N)."""
+        return self._predict(self.state, jax.device_put(np.asarray(x, np.float32), self.device))
+
+    def model(self):
+        """The ``nnx`` segmentor (eval compute dtype) with the loaded weights."""
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, self.state["params"], self.state["model_state"])
+
+    def _scores(self, images: np.ndarray) -> jax.Array:
+        images = np.asarray(images)
+        single = images.ndim == 3
+        batch = images[None] if single else images
+        if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
+            raise ValueError(
+                f"Segmenter takes uint8 RGB images (H, W, 3) or (B, H, W, 3); got shape "
+                f"{images.shape} dtype {images.dtype}. Convert with "
+                "np.asarray(PIL.Image.open(path).convert('RGB'))."
+            )
+        x = np.stack([self.transform({"image": im, "label": None})["image"] for im in batch])
+        e = self.config.eval
+        slide = e.mode == "slide"
+        scores = inference.inference(
+            lambda v: self._predict(self.state, v),
+            jax.device_put(x, self.device),
+            out_size=batch.shape[1:3],
+            mode=e.mode,
+            crop=tuple(e.crop) if slide else None,
+            stride=tuple(e.stride) if slide else None,
+            ratios=tuple(e.ratios),
+            flip=e.flip,
+            num_classes=self.num_classes,
+        )
+        return scores[0] if single else scores
+
+
+def _dataset_info(config) -> data_lib.DatasetInfo | None:
+    """The data set's class names and palette when they match ``config.data.num_classes``."""
+    try:
+        info = data_lib.dataset_info(config.data.dataset)
+    except ValueError:
+        return None
+    return info if info.num_classes == config.data.num_classes else None
+
+
+def _fresh_state(config):
+    """``(setup, state)``: a fresh train state on one device, the target restores fill."""
+    from cbp_jax import trainer  # the run's factories
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        setup = trainer.Setup(config, mesh)
+        return setup, setup.init_state()
+
+
+# ----------------------------------------------------------------------------- files
+
+
+class InputError(ValueError):
+    """An input path that does not exist, cannot be read, or is of an unknown kind."""
+
+
+def list_inputs(paths: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``[(kind, path, name)]`` for image files, folders (their images, recursively, sorted)
+    and video files; ``name`` is the output name without suffix (a folder's images keep
+    their path below it). Raises :class:`InputError` naming the path."""
+    items = []
+    for path in paths:
+        suffix = os.path.splitext(path)[1].lower()
+        stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(folder, f)
+                for folder, _, files in os.walk(path)
+                for f in files
+                if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise InputError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+            items += [("image", f, os.path.splitext(os.path.relpath(f, path))[0]) for f in found]
+        elif not os.path.exists(path):
+            raise InputError(f"{path} does not exist.")
+        elif suffix in IMAGE_SUFFIXES:
+            items.append(("image", path, stem))
+        elif suffix in VIDEO_SUFFIXES:
+            items.append(("video", path, stem))
+        else:
+            raise InputError(
+                f"{path}: unknown kind of file {suffix!r}; pass images "
+                f"({', '.join(IMAGE_SUFFIXES)}), videos ({', '.join(VIDEO_SUFFIXES)}) or folders."
+            )
+    seen: dict[str, str] = {}
+    for _, path, name in items:
+        if name in seen:
+            raise InputError(
+                f"{seen[name]} and {path} would both be written as {name}.png; pass them in "
+                "separate runs (different --out) or rename one."
+            )
+        seen[name] = path
+    return items
+
+
+def read_image(path: str) -> np.ndarray:
+    """uint8 (H, W, 3) RGB, decoded as the data sources decode images."""
+    from cbp_jax.data.sources import BadExampleError, decode_image
+
+    try:
+        with open(path, "rb") as f:
+            return decode_image(f.read(), path)
+    except (OSError, BadExampleError) as e:
+        raise InputError(f"cannot read the image {path}: {e}") from e
+
+
+def label_image(classes: np.ndarray, fmt: str, palette: np.ndarray) -> Image.Image:
+    """(H, W) class ids -> a PNG-ready image: ``"palette"`` an indexed-colour image whose
+    pixel values are the ids, ``"ids"`` a grey uint8 (uint16 past 256 classes) image."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}; use one of {FORMATS}.")
+    if fmt == "ids":
+        dtype = np.uint8 if len(palette) <= 256 else np.uint16
+        return Image.fromarray(classes.astype(dtype))
+    if len(palette) > 256:
+        raise ValueError(
+            f"A palette PNG holds at most 256 classes, the model has {len(palette)}: use "
+            "--format ids (16-bit ids)."
+        )
+    img = Image.fromarray(classes.astype(np.uint8), mode="P")
+    img.putpalette(np.asarray(palette, np.uint8).ravel().tolist())
+    return img
+
+
+def overlay(
+    image: np.ndarray, classes: np.ndarray, palette: np.ndarray, alpha: float
+) -> np.ndarray:
+    """uint8 (H, W, 3): ``(1 - alpha) * image + alpha * colour of the class``."""
+    colour = report.colorize(classes, palette).astype(np.float32)
+    return np.rint((1 - alpha) * image.astype(np.float32) + alpha * colour).astype(np.uint8)
+
+
+def read_video(path: str) -> tuple[Iterator[np.ndarray], float, int]:
+    """``(frames, fps, frame count)``: uint8 (H, W, 3) RGB frames read with OpenCV's FFmpeg
+    (the ``opencv-python-headless`` wheel ships it). Raises :class:`InputError`."""
+    import cv2
+
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        capture.release()
+        ffmpeg = "FFMPEG:                      YES" in cv2.getBuildInformation()
+        hint = (
+            "is it a video file, and complete?"
+            if ffmpeg
+            else "this OpenCV was built without FFmpeg: pip install opencv-python-headless"
+        )
+        raise InputError(f"cannot read the video {path}: {hint}")
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+
+    def frames():
+        try:
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    return
+                yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        finally:
+            capture.release()
+
+    return frames(), fps, count
+
+
+class VideoWriter:
+    """MPEG-4 video from uint8 (H, W, 3) RGB frames (OpenCV, ``mp4v``)."""
+
+    def __init__(self, path: str, fps: float, size_hw: tuple[int, int]):
+        import cv2
+
+        self._cv2 = cv2
+        self.path = path
+        self._writer = cv2.VideoWriter(
+            path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (size_hw[1], size_hw[0])
+        )
+        if not self._writer.isOpened():
+            raise OSError(f"cannot write the video {path} (OpenCV's mp4v encoder).")
+
+    def write(self, frame: np.ndarray) -> None:
+        self._writer.write(self._cv2.cvtColor(frame, self._cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        self._writer.release()
+
+
+def predict_files(
+    segmenter: Segmenter,
+    paths: Sequence[str],
+    out_dir: str,
+    *,
+    fmt: str = "palette",
+    overlay_alpha: float = 0.5,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Writes label PNGs and overlays for images, folders and videos (``predict.py``).
+
+    An image ``x`` gives ``<out>/<x>.png`` and ``<out>/<x>_overlay.jpg``; a video ``v`` gives
+    ``<out>/<v>/frame_000000.png`` ... and ``<out>/<v>_overlay.mp4``. Every input is checked
+    (it exists, its kind is known) before the first prediction.
+
+    Args:
+      segmenter: the model.
+      paths: image files, folders, video files.
+      out_dir: output folder (created).
+      fmt: ``"palette"`` (indexed-colour PNG whose values are the ids) or ``"ids"``.
+      overlay_alpha: weight of the class colours in the overlays, in [0, 1].
+      batch_size: video frames per call.
+      progress: show progress bars.
+
+    Returns:
+      ``{"images": n, "videos": n, "frames": n, "written": [paths]}``.
+    """
+    from tqdm.auto import tqdm
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}; use one of {FORMATS}.")
+    if not 0.0 <= overlay_alpha <= 1.0:
+        raise ValueError(f"--overlay_alpha {overlay_alpha}; use a number in [0, 1].")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size {batch_size}; use an integer >= 1.")
+    items = list_inputs(paths)
+    palette = segmenter.palette
+    label_image(np.zeros((1, 1), np.int32), fmt, palette)  # a palette too small fails now
+    summary: dict[str, Any] = {"images": 0, "videos": 0, "frames": 0, "written": []}
+
+    def save(classes, image, name):
+        label_path = os.path.join(out_dir, name + ".png")
+        os.makedirs(os.path.dirname(label_path), exist_ok=True)
+        label_image(classes, fmt, palette).save(label_path)
+        summary["written"].append(label_path)
+        return overlay(image, classes, palette, overlay_alpha)
+
+    images = [it for it in items if it[0] == "image"]
+    for _, path, name in tqdm(images, desc="images", unit="image", disable=not progress):
+        image = read_image(path)
+        shown = save(segmenter(image), image, name)
+        overlay_path = os.path.join(out_dir, name + "_overlay.jpg")
+        Image.fromarray(shown).save(overlay_path, quality=90)
+        summary["written"].append(overlay_path)
+        summary["images"] += 1
+    for _, path, name in [it for it in items if it[0] == "video"]:
+        frames, fps, count = read_video(path)
+        writer, index = None, 0
+        bar = tqdm(
+            total=count or None, desc=os.path.basename(path), unit="frame", disable=not progress
+        )
+        try:
+            for chunk in _chunks(frames, batch_size):
+                batch = np.stack(chunk)
+                for frame, classes in zip(batch, segmenter(batch), strict=True):
+                    shown = save(classes, frame, os.path.join(name, f"frame_{index:06d}"))
+                    if writer is None:
+                        writer = VideoWriter(
+                            os.path.join(out_dir, name + "_overlay.mp4"), fps, frame.shape[:2]
+                        )
+                    writer.write(shown)
+                    index += 1
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if index == 0:
+            raise InputError(f"cannot read the video {path}: it has no readable frame.")
+        summary["written"].append(writer.path)
+        summary["videos"] += 1
+        summary["frames"] += index
+    return summary
+
+
+def _chunks(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    chunk = []
+    for frame in frames:
+        if chunk and frame.shape != chunk[0].shape:  # a size change mid-stream
+            yield chunk
+            chunk = []
+        chunk.append(frame)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,87 @@
+"""Exports a trained model to run without this code.
+
+    python export.py --config configs/scenes_mit_b0.py --workdir workdirs/scenes_mit_b0 \
+        --to jax --out scenes.jaxexport                   # jax.export artifact (+ .json)
+    python export.py --config configs/ade20k_mit_b0.py --workdir W --config.model.head=mlp \
+        --to hf --out segformer_cbp/                      # transformers folder
+
+``--to jax`` writes the whole-image network at a fixed size (``--height``/``--width``,
+default ``config.data.crop_size``) for any batch, weights included, lowered for
+``--platforms`` (default cpu and cuda); load it with only jax:
+``jax.export.deserialize(bytearray(open(path, "rb").read())).call(images_uint8)`` ->
+logits (B, H, W, N). ``--to hf`` (a SegFormer trained with ``--config.model.head=mlp``)
+writes a ``SegformerForSemanticSegmentation`` folder, CBP prototypes as its classifier;
+``transformers.SegformerForSemanticSegmentation.from_pretrained(DIR)`` serves it in PyTorch.
+Both load the model as ``predict.py`` does (``--workdir`` / ``--step`` or ``--weights``).
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cbp_jax import config_checks, trainer
+from cbp_jax import export as export_lib
+from cbp_jax import predict as predict_lib
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "scenes_mit_b0.py"), "Experiment config file."
+)
+flags.DEFINE_string("workdir", None, "The training workdir (default workdirs/<config>).")
+flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+flags.DEFINE_string("weights", None, "Export these converted weights instead of a checkpoint.")
+flags.DEFINE_enum("to", "jax", ["jax", "hf"], "jax.export artifact or transformers folder.")
+flags.DEFINE_string("out", None, "Output file (--to jax) or folder (--to hf); required.")
+flags.DEFINE_integer("height", None, "--to jax: input height (default config.data.crop_size).")
+flags.DEFINE_integer("width", None, "--to jax: input width (default config.data.crop_size).")
+flags.DEFINE_list("platforms", ["cpu", "cuda"], "--to jax: platforms to lower for.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments {argv[1:]}; see python export.py --help.")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    if not f.out:
+        raise SystemExit("error: pass --out (a file for --to jax, a folder for --to hf).")
+    config = f.config
+    workdir = f.workdir or os.path.join(
+        "workdirs", os.path.splitext(os.path.basename(f["config"].config_filename))[0]
+    )
+    try:
+        config_checks.validate(config)
+        if f.to == "hf":
+            export_lib.check_hf_exportable(config)  # before loading anything
+        if f.weights:
+            segmenter = predict_lib.Segmenter.from_weights(config, f.weights)
+        else:
+            segmenter = predict_lib.Segmenter.from_workdir(config, workdir, f.step)
+        print(f"Exporting {segmenter.loaded_from}")
+        if f.to == "jax":
+            size = (f.height or config.data.crop_size[0], f.width or config.data.crop_size[1])
+            exported = export_lib.export_jax(segmenter, f.out, size_hw=size, platforms=f.platforms)
+            print(
+                f"{f.out}: uint8 (B, {size[0]}, {size[1]}, 3) -> logits "
+                f"{exported.out_avals[0].str_short()}, for {', '.join(exported.platforms)}"
+            )
+        else:
+            result = export_lib.export_hf_segformer(segmenter, f.out)
+            print(
+                f"{f.out}: SegformerForSemanticSegmentation; PyTorch's logits differ from ours "
+                f"by at most {result['max_abs_logit_diff']:.2g} on a check image"
+            )
+            for note in result["notes"]:
+                print(f"note: {note}")
+    except (
+        *trainer.STOP_ERRORS,
+        FileNotFoundError,
+        ValueError,
+        export_lib.MissingDependencyError,
+    ) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=config_checks.parse_flags)

@@ -1,0 +1,75 @@
+"""Predicts label maps for new images, folders of images and videos with a trained model.
+
+    python predict.py --config configs/scenes_mit_b0.py --workdir workdirs/scenes_mit_b0 \
+        photo.jpg more_photos/ clip.mp4 --out predictions
+    python predict.py --config configs/ade20k_mit_b0.py --weights segformer-b0-ade.safetensors \
+        --config.model.head=mlp --format ids --out predictions street.png
+
+Each image ``x`` gives ``<out>/x.png`` (``--format palette``: an indexed-colour PNG whose pixel
+values are the class ids; ``ids``: grey uint8 ids, uint16 past 256 classes) and
+``<out>/x_overlay.jpg`` (the image with the class colours blended in, ``--overlay_alpha``).
+A folder's images (recursively) keep their path below it. A video ``v`` gives one PNG per
+frame in ``<out>/v/`` and ``<out>/v_overlay.mp4``. Preprocessing and inference mode
+(whole / slide, ratios, flip) are those of evaluation (``config.data``, ``config.eval``).
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cbp_jax import config_checks, trainer
+from cbp_jax import predict as predict_lib
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "scenes_mit_b0.py"), "Experiment config file."
+)
+flags.DEFINE_string("workdir", None, "The training workdir (default workdirs/<config>).")
+flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the latest).")
+flags.DEFINE_string("weights", None, "Use these converted weights instead of a checkpoint.")
+flags.DEFINE_string("out", None, "Output folder (required).")
+flags.DEFINE_enum("format", "palette", list(predict_lib.FORMATS), "Label PNG format.")
+flags.DEFINE_float("overlay_alpha", 0.5, "Weight of the class colours in the overlays.")
+flags.DEFINE_integer("batch_size", 1, "Video frames per model call.")
+
+
+def main(argv):
+    inputs = argv[1:]
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if not inputs or not flags.FLAGS.out:
+        raise SystemExit(
+            "error: pass the images, folders or videos to segment and --out DIR, e.g. "
+            "python predict.py --config CONFIG --workdir W photo.jpg --out predictions"
+        )
+    config = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir or os.path.join(
+        "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    )
+    try:
+        config_checks.validate(config)
+        predict_lib.list_inputs(inputs)  # every input exists and is of a known kind
+        if flags.FLAGS.weights:
+            segmenter = predict_lib.Segmenter.from_weights(config, flags.FLAGS.weights)
+        else:
+            segmenter = predict_lib.Segmenter.from_workdir(config, workdir, flags.FLAGS.step)
+        print(f"Predicting with {segmenter.loaded_from}")
+        summary = predict_lib.predict_files(
+            segmenter,
+            inputs,
+            flags.FLAGS.out,
+            fmt=flags.FLAGS.format,
+            overlay_alpha=flags.FLAGS.overlay_alpha,
+            batch_size=flags.FLAGS.batch_size,
+        )
+    except (*trainer.STOP_ERRORS, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(
+        f"{summary['images']} images, {summary['videos']} videos ({summary['frames']} frames) "
+        f"-> {flags.FLAGS.out}"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=config_checks.parse_flags)
