@@ -19,6 +19,7 @@ through tensorboardX too.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging as std_logging
 import os
@@ -159,10 +160,15 @@ class TensorboardWriter(metric_writers.MetricWriter):
         from this step on (they are redone), so no step shows twice.
     """
 
+    _count = itertools.count()
+
     def __init__(self, logdir: str, purge_step: int | None = None):
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(logdir, purge_step=purge_step)
+        # tensorboardX names files by the second and opens them with "wb": a second writer
+        # in the same second would empty the first's file without the suffix.
+        suffix = f".{os.getpid()}.{next(self._count)}"
+        self._writer = SummaryWriter(logdir, purge_step=purge_step, filename_suffix=suffix)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         for name, value in scalars.items():
