@@ -1,4 +1,4 @@
-"""Evaluates a trained model: mmseg-exact mIoU / mAcc / aAcc, a per-class table, a JSON
+r"""Evaluates a trained model: mmseg-exact mIoU / mAcc / aAcc, a per-class table, a JSON
 report, example panels and the paper's prototype analyses.
 
     python eval.py --config configs/ade20k_mit_b5.py --workdir workdirs/ade20k_b5

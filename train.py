@@ -3,13 +3,12 @@
     python train.py                                     # built-in default (generated scenes)
     python train.py --config configs/scenes_mit_b0.py:smoke            # seconds, same code
     python train.py --config configs/camvid_mit_b0.py --config.data.root=DIR/CamVid
-    python train.py --config configs/ade20k_mit_b5.py --workdir workdirs/ade20k_b5 \
-        --config.data.root=DIR/ADEChallengeData2016
+    python train.py --config configs/ade20k_mit_b5.py --config.data.root=DIR/ADEChallengeData2016
 
 The workdir defaults to workdirs/<config>[_<variants>] (e.g. workdirs/camvid_mit_b0_smoke).
 Rerunning the same command resumes from the workdir's last checkpoint; a run that is already
 trained and evaluated says so and stops. Logs: start-up, then every config.log_every steps
-the metrics, steps/s, images/s and the ETA (--verbosity=1 adds every library's INFO logs).
+the metrics, steps/s, images/s and the ETA (--verbosity=0 shows every library's INFO logs).
 """
 
 from cbp_jax import cpu, preemption

@@ -263,8 +263,9 @@ def throughput(steps: int, seconds: float, batch_size: int, num_devices: int) ->
 
 class ReportProgress(periodic_actions.ReportProgress):
     """clu's progress report (a log line with steps/s, % done and ETA) that also measures
-    images/s: after a call that returns True, :attr:`rates` holds :func:`throughput` of the
-    steps since the previous report.
+    throughput: after a call that returns True, :attr:`rates` holds :func:`throughput` of
+    the steps since the previous report, without the time spent in ``timed`` blocks (e.g.
+    ``with progress.timed("eval", wait_jax_async_dispatch=False):``), which the ETA keeps.
 
     Call it after every step (``progress(step)``). The first call only starts the clock:
     call it after the first step of a process, the one that compiled, and compilation is
@@ -283,10 +284,14 @@ class ReportProgress(periodic_actions.ReportProgress):
         super().__init__(num_train_steps=num_train_steps, every_steps=every_steps, every_secs=None)
         self.batch_size, self.num_devices = batch_size, num_devices
         self.rates: dict[str, float] = {}
+        self._timed_at_last_report = 0.0
 
     def _apply(self, step: int, t: float) -> None:
+        timed = sum(self._time_per_part.values())
+        seconds = t - self._previous_time - (timed - self._timed_at_last_report)
+        self._timed_at_last_report = timed
         self.rates = throughput(
-            step - self._previous_step, t - self._previous_time, self.batch_size, self.num_devices
+            step - self._previous_step, seconds, self.batch_size, self.num_devices
         )
         super()._apply(step, t)
 

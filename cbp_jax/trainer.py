@@ -394,7 +394,7 @@ def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
                 summary["preempted"] = True
                 break
             if config.eval.every and step % config.eval.every == 0 and not last:
-                with progress.timed("eval"):
+                with progress.timed("eval", wait_jax_async_dispatch=False):  # it syncs
                     ev = evaluator(state, out_dir=workdir_lib.eval_dir(workdir, step))
                 _write_eval(writer, step, ev)
         checkpointer.wait()

@@ -2,6 +2,7 @@
 ETA without the compile step, the clu writers (metrics.jsonl, TensorBoard without
 TensorFlow), a finished run left alone, eval.py's output, the examples."""
 
+import ast
 import glob
 import json
 import logging
@@ -81,6 +82,15 @@ def test_train_py_without_camvid_stops_before_making_the_workdir(tmp_path):
     assert not os.path.exists(tmp_path / "workdirs")
 
 
+def test_train_help_examples_name_their_data_root():
+    doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, "train.py")).read()))
+    examples = [line for line in doc.splitlines() if "python train.py" in line]
+    assert len(examples) >= 3
+    for line in examples:
+        if any(name in line for name in ("camvid", "ade20k", "cocostuff")):
+            assert "--config.data.root=" in line, line  # no path that only exists here
+
+
 # ----------------------------------------------------------------------------- progress, logs
 
 
@@ -99,6 +109,10 @@ def test_progress_rate_and_eta_leave_out_the_compile_step(caplog):
     assert progress.rates["images_per_sec_per_device"] == pytest.approx(8 / 60 / 2)
     assert "ETA: 1h0m" in caplog.text  # 60 steps left at 60 s each
     assert progress(3, t=220.0) and "ETA: 59m" in caplog.text
+    # Evaluation (a timed part) stays in the ETA but not in the throughput.
+    progress._time_per_part["eval"] += 30.0  # as `with progress.timed("eval"):` adds it
+    assert progress(4, t=310.0) and progress.rates["steps_per_sec"] == pytest.approx(1 / 60)
+    assert "ETA: 1h27m" in caplog.text  # 58 steps left at 90 s each
 
 
 def test_quiet_libraries_keeps_own_info_and_everyones_warnings():
@@ -246,7 +260,9 @@ def test_startup_logs_finished_rerun_and_eval_py(tmp_path, caplog, capsys):
 # ----------------------------------------------------------------------------- examples
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples", "*.py"))))
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(os.path.join(ROOT, "examples", "*.py"))), ids=os.path.basename
+)
 def test_example_runs(path):
     run = _run([path], timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
