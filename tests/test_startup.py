@@ -165,10 +165,13 @@ def test_writer_resume_redoes_steps_once_in_jsonl_and_tensorboard(tmp_path):
         writer.write_scalars(step, {"loss": 0.1})
     writer.write_scalars(4, {"eval/mIoU": 50.0})
     writer.close()
+    writer = logs.create_writer(str(tmp_path), resume_step=4)  # e.g. killed in the last eval
+    writer.write_scalars(4, {"eval/mIoU": 51.0, "eval/aAcc": 90.0})
+    writer.close()
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[3] == {"step": 4, "loss": 0.1, "eval/mIoU": 50.0}
-    first, resumed = read_events(tmp_path / "tensorboard")
+    assert rows[3] == {"step": 4, "loss": 0.1, "eval/mIoU": 51.0, "eval/aAcc": 90.0}
+    first, resumed, _ = read_events(tmp_path / "tensorboard")
     assert scalar_steps(first, "loss") == [1, 2, 3, 4]
     assert any(
         v.tag == "eval/panel" and v.image.height == 8 for e in first for v in e.summary.value
