@@ -1,4 +1,4 @@
-"""Evaluates a trained model: mmseg-exact mIoU / mAcc / aAcc, a per-class table, a JSON
+r"""Evaluates a trained model: mmseg-exact mIoU / mAcc / aAcc, a per-class table, a JSON
 report, example panels and the paper's prototype analyses.
 
     python eval.py --config configs/ade20k_mit_b5.py --workdir workdirs/ade20k_b5
@@ -8,7 +8,9 @@ report, example panels and the paper's prototype analyses.
         --config.model.head=mlp                                       # a converted checkpoint
 
 Without ``--weights`` the workdir's latest checkpoint (or ``--step``) is evaluated. The
-report goes to ``<workdir>/eval_<step>/`` unless ``--out`` says otherwise.
+report goes to ``<workdir>/eval_<step>/`` (``eval_weights/`` for ``--weights``), the folder
+training writes for the same step, unless ``--out`` says otherwise. The workdir defaults to
+``workdirs/<config>[_<variants>]``, as for ``train.py``.
 """
 
 from cbp_jax import cpu
@@ -17,17 +19,20 @@ cpu.use_cores_as_devices()  # before JAX starts: data parallelism over the cores
 
 import os  # noqa: E402
 
-from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cbp_jax import config_checks, eval_lib, trainer  # noqa: E402
+from cbp_jax import config_checks, eval_lib, logs, trainer  # noqa: E402
 from cbp_jax import workdir as workdir_lib  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "scenes_mit_b0.py"), "Experiment config file."
 )
-flags.DEFINE_string("workdir", None, "The training workdir (default workdirs/<config>).")
+flags.DEFINE_string(
+    "workdir", None, "The training workdir (default workdirs/<config>[_<variants>])."
+)
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 flags.DEFINE_string("weights", None, "Evaluate these pretrained weights instead of a checkpoint.")
 flags.DEFINE_string("out", None, "Report folder (default <workdir>/eval_<step>).")
@@ -36,21 +41,24 @@ flags.DEFINE_string("out", None, "Report folder (default <workdir>/eval_<step>).
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+        logs.quiet_libraries()
     config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir or os.path.join(
-        "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    workdir = flags.FLAGS.workdir or workdir_lib.default_workdir(
+        flags.FLAGS["config"].config_filename
     )
+    step, weights = flags.FLAGS.step, flags.FLAGS.weights
     try:
         config_checks.validate(config)
-        if not flags.FLAGS.weights:  # before compiling anything or creating a folder
-            workdir_lib.check_evaluable(workdir, config, flags.FLAGS.step)
+        if not weights:  # before compiling anything or creating a folder
+            workdir_lib.check_evaluable(workdir, config, step)
+            step = max(workdir_lib.checkpoint_steps(workdir)) if step is None else step
+        out = flags.FLAGS.out or workdir_lib.eval_dir(workdir, "weights" if weights else step)
+        # The per-class table and the summary line are printed by the evaluation, once.
+        eval_lib.evaluate_checkpoint(config, workdir, step=step, weights=weights, out_dir=out)
     except (*trainer.STOP_ERRORS, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    metrics = eval_lib.evaluate_checkpoint(
-        config, workdir, step=flags.FLAGS.step, weights=flags.FLAGS.weights, out_dir=flags.FLAGS.out
-    )
-    print(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}")
+    if jax.process_index() == 0:
+        print(f"Report: {os.path.join(out, 'report.json')}")
 
 
 if __name__ == "__main__":

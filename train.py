@@ -1,10 +1,14 @@
 """Trains a segmentation model with frozen Category-Basis Prototypes and OCCL.
 
     python train.py                                     # built-in default (generated scenes)
-    python train.py --config configs/ade20k_mit_b5.py --workdir workdirs/ade20k_b5
-    python train.py --config configs/camvid_mit_b0.py:smoke --config.total_steps=20
+    python train.py --config configs/scenes_mit_b0.py:smoke            # seconds, same code
+    python train.py --config configs/camvid_mit_b0.py --config.data.root=DIR/CamVid
+    python train.py --config configs/ade20k_mit_b5.py --config.data.root=DIR/ADEChallengeData2016
 
-Rerunning the same command resumes from the workdir's last checkpoint.
+The workdir defaults to workdirs/<config>[_<variants>] (e.g. workdirs/camvid_mit_b0_smoke).
+Rerunning the same command resumes from the workdir's last checkpoint; a run that is already
+trained and evaluated says so and stops. Logs: start-up, then every config.log_every steps
+the metrics, steps/s, images/s and the ETA (--verbosity=0 shows every library's INFO logs).
 """
 
 from cbp_jax import cpu, preemption
@@ -14,25 +18,28 @@ cpu.use_cores_as_devices()  # before JAX starts: data parallelism over the cores
 
 import os  # noqa: E402
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cbp_jax import config_checks, trainer  # noqa: E402
+from cbp_jax import config_checks, logs, trainer  # noqa: E402
+from cbp_jax import workdir as workdir_lib  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "scenes_mit_b0.py"), "Experiment config file."
 )
-flags.DEFINE_string("workdir", None, "Checkpoints, logs and reports (default workdirs/<config>).")
+flags.DEFINE_string(
+    "workdir", None, "Checkpoints, logs and reports (default workdirs/<config>[_<variants>])."
+)
 
 
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # keep the progress bar readable
+        logs.quiet_libraries()
     config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir or os.path.join(
-        "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    workdir = flags.FLAGS.workdir or workdir_lib.default_workdir(
+        flags.FLAGS["config"].config_filename
     )
     try:
         config_checks.validate(config)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cbp_jax import models
+from cbp_jax import model_stats, models
 from cbp_jax.models import layers
 
 PAPER = {
@@ -40,13 +40,6 @@ def _median_time(fn, *args, repeats):
     return statistics.median(times)
 
 
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0]
-    return float(cost.get("flops", float("nan")))
-
-
 def bench_segmentors(names, size, num_classes, repeats, classifier):
     print(f"| model | params (M) | XLA GFLOPs | GMACs | forward {size}x{size} (s) | paper |")
     print("|---|---|---|---|---|---|")
@@ -55,7 +48,7 @@ def bench_segmentors(names, size, num_classes, repeats, classifier):
         model = models.create(
             name, num_classes=num_classes, classifier=classifier, rngs=nnx.Rngs(0)
         )
-        params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        params = model_stats.parameter_count(nnx.state(model, nnx.Param))
         graphdef, state = nnx.split(model)
 
         @jax.jit
@@ -63,7 +56,7 @@ def bench_segmentors(names, size, num_classes, repeats, classifier):
             return nnx.merge(graphdef, state)(x, train=False)["logits"]
 
         compiled = forward.lower(state, x).compile()
-        flops = _flops(compiled)
+        flops = model_stats.xla_flops(compiled)
         secs = _median_time(compiled, state, x, repeats=repeats) if repeats else float("nan")
         print(
             f"| {name} | {params / 1e6:.2f} | {flops / 1e9:.1f} | {flops / 2e9:.1f} | "

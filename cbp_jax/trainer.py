@@ -3,6 +3,11 @@
 Phases: (1) devices and processes, (2) data, (3) model, optimizer and sharded state,
 (4) resume or pretrained init, (5) the jitted step loop with logging, checkpoints,
 preemption and periodic evaluation, (6) the final report.
+
+The run logs what it is doing at each phase (workdir, devices, model size, data, the
+compilation of the train step), then every ``config.log_every`` steps its metrics, the step
+rate, images/s and the ETA (``cbp_jax.logs``); compilation is left out of rate and ETA. A
+run that is already trained to ``config.total_steps`` and evaluated there says so and stops.
 """
 
 import json
@@ -17,10 +22,21 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from cbp_jax import checkpointing, compilation, config_checks, eval_lib, models, sharding, train_lib
+from cbp_jax import (
+    checkpointing,
+    compilation,
+    config_checks,
+    eval_lib,
+    logs,
+    model_stats,
+    models,
+    sharding,
+    train_lib,
+)
 from cbp_jax import data as data_lib
 from cbp_jax import preemption as preemption_lib
 from cbp_jax import workdir as workdir_lib
+from cbp_jax.data.sources import missing_root_message
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -40,6 +56,7 @@ def model_from_config(config: ml_collections.ConfigDict) -> nnx.Module:
 def source_from_config(config: ml_collections.ConfigDict, split: str):
     """The data source for ``split``, validated (layout errors name the expected folders)."""
     d = config.data
+    check_data_root(config)
     opts = {}
     if d.dataset == "scenes" and d.scenes_num_images:
         opts["num_images"] = d.scenes_num_images
@@ -57,6 +74,14 @@ def source_from_config(config: ml_collections.ConfigDict, split: str):
             f"{source.num_classes} classes; fix the config."
         )
     return source
+
+
+def check_data_root(config: ml_collections.ConfigDict) -> None:
+    """Raises ``data.LayoutError`` (where to get the data, how to set ``config.data.root``)
+    if the folder data set of ``config`` has no root folder."""
+    d = config.data
+    if d.dataset != "scenes" and d.format == "folder" and not os.path.isdir(d.root or ""):
+        raise data_lib.LayoutError(missing_root_message(d.dataset, d.root))
 
 
 def mesh_from_config(config: ml_collections.ConfigDict):
@@ -89,6 +114,7 @@ def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
         )
     if config.total_steps < 1:
         raise ValueError(f"config.total_steps={config.total_steps}; must be >= 1.")
+    check_data_root(config)  # before the workdir is created
 
 
 class Setup:
@@ -106,6 +132,7 @@ class Setup:
             return train_lib.init_state(model_from_config(config), self.tx)
 
         abstract_state = jax.eval_shape(init)
+        self.abstract_state = abstract_state
         self.state_shardings = sharding.state_shardings(
             abstract_state, config.partition_rules, mesh
         )
@@ -133,74 +160,6 @@ class Setup:
         return state | jax.device_put(loaded, {k: self.state_shardings[k] for k in loaded})
 
 
-# ----------------------------------------------------------------------------- logging
-
-
-class MetricWriter:
-    """Scalars to ``<workdir>/metrics.jsonl`` and TensorBoard (process 0 only).
-
-    ``metrics.jsonl`` stays valid JSON with one row per step: non-finite values are written
-    as ``null``, scalars written for the step of the previous row join that row, and a run
-    resuming at ``resume_step`` first drops the rows after it (steps it will redo).
-    """
-
-    def __init__(self, workdir: str, resume_step: int | None = None):
-        self.enabled = jax.process_index() == 0
-        if not self.enabled:
-            return
-        from tensorboardX import SummaryWriter
-
-        path = os.path.join(workdir, "metrics.jsonl")
-        if resume_step is not None:
-            keep_metric_rows_until(path, resume_step)
-        self.jsonl = open(path, "a")  # noqa: SIM115
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self._last: tuple[int, dict, int] | None = None  # (step, row, its offset)
-
-    def write(self, step: int, scalars: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, **{k: _json_number(v) for k, v in scalars.items()}}
-        if self._last is not None and self._last[0] == step:  # join the step's row
-            row = self._last[1] | row
-            self.jsonl.truncate(self._last[2])
-        offset = self.jsonl.tell()
-        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
-        self.jsonl.flush()
-        self._last = (step, row, offset)
-        for name, value in scalars.items():
-            self.tb.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        if self.enabled and not self.jsonl.closed:
-            self.jsonl.close()
-            self.tb.close()
-
-
-def _json_number(value: float) -> float | None:
-    """``value``, or None (JSON ``null``) for NaN and infinities, which JSON cannot hold."""
-    return float(value) if np.isfinite(value) else None
-
-
-def keep_metric_rows_until(path: str, last_step: int) -> None:
-    """Rewrites the ``metrics.jsonl`` at ``path`` without rows after ``last_step`` (and
-    without a line cut short by a kill), atomically."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # the partial last line of a killed run
-            if row.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss or an update became NaN or infinite; the last periodic checkpoint is kept."""
 
@@ -213,6 +172,7 @@ class BadTrainingDataError(RuntimeError):
 # points print them without a traceback.
 STOP_ERRORS = (
     config_checks.ConfigError,
+    data_lib.LayoutError,
     workdir_lib.WorkdirBusyError,
     workdir_lib.ConfigMismatchError,
     NonFiniteLossError,
@@ -227,6 +187,9 @@ STOP_ERRORS = (
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its checkpoints), then evaluates.
+
+    A run already trained to ``config.total_steps`` and evaluated there is left as it is: it
+    says it is finished and returns its final metrics (``"finished": True``).
 
     Returns a summary: ``{"step", "losses" (per logged step), "eval" (final metrics)}``.
 
@@ -248,18 +211,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         os.makedirs(workdir, exist_ok=True)
         lock = workdir_lib.WorkdirLock(workdir).acquire()
     try:
+        report = workdir_lib.finished_report(workdir, config.total_steps)
+        if report is not None:
+            return _finished(config.total_steps, report)
         if jax.process_index() == 0:
             workdir_lib.write_config(workdir, config)
         compilation.enable_persistent_cache(
             compilation.cache_dir(config.get("compilation_cache", ""), workdir)
         )
-        logging.info("mesh %s over %d process(es)", dict(mesh.shape), jax.process_count())
+        logging.info("workdir %s", workdir)
+        logging.info("%s", describe_devices(mesh))
         with jax.set_mesh(mesh):
             return _train_in_workdir(config, workdir, mesh, preemption)
     finally:
         preemption_lib.stop_watching()
         if lock is not None:
             lock.release()
+
+
+def _finished(total_steps: int, report: str) -> dict[str, Any]:
+    """The summary of a run that is trained and evaluated already; says so."""
+    with open(report) as f:
+        metrics = json.load(f)["summary"]
+    ev = {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")}
+    print(
+        f"Finished: this run is trained to step {total_steps} (config.total_steps) and "
+        f"evaluated there: mIoU {ev['mIoU']:.2f}, report {report}. Nothing to do; raise "
+        "--config.total_steps to train on, run eval.py to evaluate again, or pass another "
+        "--workdir for a new run."
+    )
+    return {"step": total_steps, "losses": {}, "eval": ev, "finished": True}
+
+
+def describe_devices(mesh) -> str:
+    """One line: the mesh's devices, their kind and platform, and the processes."""
+    devices = mesh.devices.flatten()
+    kinds = ", ".join(sorted({d.device_kind for d in devices}))
+    return (
+        f"{devices.size} {devices[0].platform} device(s) ({kinds}) in mesh {dict(mesh.shape)}, "
+        f"{jax.process_count()} process(es)"
+    )
+
+
+def model_summary(config: ml_collections.ConfigDict, setup: "Setup") -> dict[str, Any]:
+    """Name, classifier, parameter count and forward FLOPs of one ``config.data.crop_size``
+    image (XLA's count, a multiply-add is 2 FLOPs; GMACs = GFLOPs / 2)."""
+    params = setup.abstract_state["params"]
+    size = tuple(config.data.crop_size)
+    flops = model_stats.forward_flops(
+        setup.graphdef, params, setup.abstract_state["model_state"], size
+    )
+    return {
+        "name": config.model.name,
+        "classifier": config.model.classifier,
+        "parameters": model_stats.parameter_count(params),
+        "image_size": list(size),
+        "gflops": flops / 1e9,
+        "gmacs": flops / 2e9,
+    }
+
+
+def describe_model(summary: dict[str, Any]) -> str:
+    """One line of :func:`model_summary`."""
+    h, w = summary["image_size"]
+    return (
+        f"model {summary['name']} ({summary['classifier']} classifier): "
+        f"{summary['parameters'] / 1e6:.2f} M parameters, {summary['gflops']:.2f} GFLOPs "
+        f"({summary['gmacs']:.2f} GMACs) per {h}x{w} image"
+    )
 
 
 def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
@@ -278,9 +297,17 @@ def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
         seed=config.seed,
         num_workers=d.num_workers,
     )
+    logging.info(
+        "data %s/%s: %d images, batch %d (%d per device) of %dx%d crops",
+        d.dataset, d.train_split, len(source), config.batch_size,
+        config.batch_size // mesh.devices.size, *d.crop_size,
+    )  # fmt: skip
 
     # 3. Model, optimizer, sharded state, and the evaluator (compiled once per run).
     setup = Setup(config, mesh)
+    model_info = model_summary(config, setup)
+    logging.info("%s", describe_model(model_info))
+    logging.info("creating the sharded train state (compiling its initializer)")
     state = setup.init_state()
     evaluator = eval_lib.Evaluator(
         config, mesh, setup.state_shardings, source_from_config(config, d.eval_split)
@@ -300,6 +327,7 @@ def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
         print(f"Resuming from the checkpoint of step {start} in {checkpointer.directory}")
     else:
         start = 0
+        logging.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
         if config.init_from:
             state = setup.load_pretrained(state, config.init_from, config.get("trust_pickle"))
     # The non-finite counter belongs to this process: a restart (e.g. with a lower learning
@@ -316,26 +344,50 @@ def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
         out_shardings=(setup.state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    writer = MetricWriter(workdir, resume_step=start)
+    writer = logs.create_writer(workdir, resume_step=start)
+    if start == 0:
+        writer.write_hparams(workdir_lib.flat_fields(workdir_lib.config_as_dict(config)))
+    # Called after every step; its first call (after the step that compiles) starts the clock.
+    progress = logs.ReportProgress(
+        num_train_steps=config.total_steps,
+        batch_size=config.batch_size,
+        num_devices=mesh.devices.size,
+        every_steps=config.log_every,
+    )
     losses: dict[int, float] = {}
     summary: dict[str, Any] = {}
-    progress = _progress(start, config.total_steps)
     step = start
     try:
         if preemption.requested:
             print(f"Preempted during start-up: nothing new to save (step {start}).")
             return {"step": start, "losses": losses, "preempted": True}
+        if start < config.total_steps:
+            logging.info(
+                "steps %d to %d; compiling the train step (the first step waits for it)",
+                start + 1, config.total_steps,
+            )  # fmt: skip
+        compile_start = time.perf_counter()
         for step in range(start + 1, config.total_steps + 1):
             batch = _next_batch(loader, step, state, checkpointer, config)
             state, metrics = train_step(state, batch)
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                logging.info(
+                    "train step compiled and ran once in %.1f s",
+                    time.perf_counter() - compile_start,
+                )
             checkpointer.check_saves()
             last = step == config.total_steps
+            scalars = None
             if step % config.log_every == 0 or last or preemption.requested:
-                scalars = _log(step, metrics, config, progress, writer)
+                scalars = _log(step, metrics, config)  # waits for the step
+            if progress(step) and scalars is not None:
+                scalars |= progress.rates
+            if scalars is not None:
+                writer.write_scalars(step, scalars)
                 if scalars["nonfinite_steps"]:
                     raise _nonfinite_stop(step, scalars, checkpointer)
                 losses[step] = scalars["loss"]
-            progress.update(1)
             if step % config.checkpoint.every == 0 or last or preemption.requested:
                 if int(jax.device_get(state["nonfinite_steps"])):  # skipped since the last log
                     raise _nonfinite_stop(step, None, checkpointer)
@@ -346,26 +398,30 @@ def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
                 summary["preempted"] = True
                 break
             if config.eval.every and step % config.eval.every == 0 and not last:
-                out = os.path.join(workdir, f"eval_{step}")
-                ev = evaluator(state, out_dir=out)
-                writer.write(step, {f"eval/{k}": ev[k] for k in ("mIoU", "mAcc", "aAcc")})
+                with progress.timed("eval", wait_jax_async_dispatch=False):  # it syncs
+                    ev = evaluator(state, out_dir=workdir_lib.eval_dir(workdir, step))
+                _write_eval(writer, step, ev)
         checkpointer.wait()
         summary |= {"step": step, "losses": losses}
         if step == config.total_steps and not summary.get("preempted"):
-            out = os.path.join(workdir, "eval")
-            ev = evaluator(state, out_dir=out, extra={"step": step})
-            writer.write(step, {f"eval/{k}": ev[k] for k in ("mIoU", "mAcc", "aAcc")})
+            out = workdir_lib.eval_dir(workdir, step)
+            ev = evaluator(state, out_dir=out, extra={"step": step, "model": model_info})
+            _write_eval(writer, step, ev)
             summary["eval"] = {k: ev[k] for k in ("mIoU", "mAcc", "aAcc")}
-            print(
-                f"step {step}: mIoU {ev['mIoU']:.2f}  mAcc {ev['mAcc']:.2f}  "
-                f"aAcc {ev['aAcc']:.2f}  (report: {out}/report.json)"
-            )
+            if jax.process_index() == 0:
+                print(f"Step {step} evaluated; report: {os.path.join(out, 'report.json')}")
         return summary
     finally:
-        progress.close()
         loader.close()
         writer.close()
         checkpointer.close()
+
+
+def _write_eval(writer, step: int, ev: dict[str, Any]) -> None:
+    """An evaluation's metrics (and its figures, when it returns some) as ``eval/<name>``."""
+    writer.write_scalars(step, {f"eval/{k}": ev[k] for k in ("mIoU", "mAcc", "aAcc")})
+    if ev.get("figures"):
+        writer.write_images(step, {f"eval/{k}": v for k, v in ev["figures"].items()})
 
 
 def _next_batch(loader, step: int, state, checkpointer, config) -> dict:
@@ -430,25 +486,8 @@ def _nonfinite_stop(step: int, scalars: dict | None, checkpointer) -> "NonFinite
 _NAN_KEYS = ("loss", "grad_norm", "param_norm", "nonfinite_steps")
 
 
-def _progress(start: int, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=start,
-        desc="train",
-        unit="step",
-        disable=jax.process_index() != 0,
-        dynamic_ncols=True,
-    )
-
-
-def _log(step, metrics, config, progress, writer) -> dict[str, float]:
+def _log(step, metrics, config) -> dict[str, float]:
     """Fetches the step's metrics (the only host round trip, every ``log_every`` steps)."""
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     scalars["lr"] = train_lib.lr_at(config.optimizer, config.total_steps, step - 1)
-    scalars["time"] = time.time()
-    writer.write(step, {k: v for k, v in scalars.items() if k != "time"})
-    shown = {k: f"{scalars[k]:.4f}" for k in ("loss", "ce", "occl_centroid") if k in scalars}
-    progress.set_postfix(shown | {"lr": f"{scalars['lr']:.2e}"}, refresh=False)
     return scalars

@@ -6,12 +6,16 @@
   warning naming the dead holder.
 - :func:`check_resume_config` / :func:`check_eval_config`: the workdir's ``config.json``
   against the current config, before anything is written or restored.
+- Names: :func:`default_workdir` (``workdirs/<config>[_<variants>]``), :func:`eval_dir`
+  (``<workdir>/eval_<step>``, written by training and ``eval.py`` alike) and
+  :func:`finished_report` (a run trained to its last step and evaluated there).
 """
 
 import datetime
 import fcntl
 import json
 import os
+import re
 import socket
 from typing import Any
 
@@ -265,3 +269,37 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(config.to_json_best_effort(indent=1))
     os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def default_workdir(config_arg: str) -> str:
+    """``workdirs/<config name>[_<variants>]`` for a ``--config`` value.
+
+    ``"configs/camvid_mit_b0.py"`` -> ``"workdirs/camvid_mit_b0"``;
+    ``"configs/camvid_mit_b0.py:smoke"`` -> ``"workdirs/camvid_mit_b0_smoke"``: each variant
+    has its own folder, so a smoke run never lands in (or resumes) the full run's. Variants
+    are sorted (``:smoke,baseline`` and ``:baseline,smoke`` are one run).
+    """
+    path, _, arg = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    variants = sorted(v.strip() for v in arg.split(",") if v.strip())
+    return os.path.join(
+        "workdirs", "_".join([name, *(re.sub(r"[^\w.-]", "-", v) for v in variants)])
+    )
+
+
+def eval_dir(workdir: str, step: int | str) -> str:
+    """``<workdir>/eval_<step>``: the report folder of an evaluation of checkpoint ``step``
+    (``"weights"`` for converted weights), the same for training and ``eval.py``."""
+    return os.path.join(workdir, f"eval_{step}")
+
+
+def finished_report(workdir: str, total_steps: int) -> str | None:
+    """The ``report.json`` of ``workdir``'s run if it has a checkpoint of step ``total_steps``
+    and its evaluation at that step; None otherwise (there is training or evaluation to do)."""
+    report = os.path.join(eval_dir(workdir, total_steps), "report.json")
+    if total_steps in checkpoint_steps(workdir) and os.path.isfile(report):
+        return report
+    return None

