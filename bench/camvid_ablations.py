@@ -28,6 +28,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CONFIG = "configs/camvid_mit_b0.py"
+CAMVID_ROOT = "../shared/datasets/camvid"
 RARE_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist", "fence")
 
 
@@ -53,7 +54,8 @@ class Run:
             return [sys.executable, "bench/camvid_pytorch_baseline.py", "--workdir", workdir,
                     "--steps", str(self.steps), "--seed", str(self.seed)]  # fmt: skip
         config = CONFIG + (f":{self.variant}" if self.variant else "")
-        flags = {"total_steps": self.steps, "seed": self.seed, "eval.every": 0}
+        flags = {"data.root": CAMVID_ROOT, "total_steps": self.steps, "seed": self.seed}
+        flags["eval.every"] = 0
         flags |= dict(self.overrides)
         return [sys.executable, "train.py", "--config", config, "--workdir", workdir] + [
             f"--config.{k}={v}" for k, v in flags.items()
@@ -106,7 +108,10 @@ def read_results(path: str) -> dict[str, dict]:
 
 def result_row(run: Run, workdir: str, command: list[str], seconds: float) -> dict:
     """The results-file row of a finished run, from its ``eval/report.json``."""
-    with open(os.path.join(workdir, "eval", "report.json")) as f:
+    path = os.path.join(workdir, f"eval_{run.steps}", "report.json")
+    if not os.path.exists(path):  # runs made before evaluations were named by step
+        path = os.path.join(workdir, "eval", "report.json")
+    with open(path) as f:
         rep = json.load(f)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True

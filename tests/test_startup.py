@@ -77,7 +77,7 @@ def test_train_py_without_camvid_stops_before_making_the_workdir(tmp_path):
     config = os.path.join(ROOT, "configs", "camvid_mit_b0.py:smoke")
     run = _run([os.path.join(ROOT, "train.py"), "--config", config], cwd=tmp_path, timeout=300)
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "error: camvid: root folder '../shared/datasets/camvid' does not exist" in run.stderr
+    assert "error: camvid: root folder 'data/CamVid' does not exist" in run.stderr
     assert "--config.data.root=DIR" in run.stderr and "Traceback" not in run.stderr
     assert not os.path.exists(tmp_path / "workdirs")
 

@@ -10,7 +10,7 @@ for ADE20K and COCO-Stuff, void -> 255 for CamVid). Every source has ``info``,
 
     source = make_source("ade20k", "/data/ADEChallengeData2016", "train")
     source = make_source("cocostuff10k", ROOT, "test")          # mmseg's converted layout
-    source = make_source("camvid", "../shared/datasets/camvid", "val")
+    source = make_source("camvid", "data/CamVid", "val")
     source = make_source("scenes", split="train")                # generated, no download
     source = make_source("ade20k", SHARD_DIR, "val", format="arrayrecord")
     source = make_source("ade20k", TFDS_DATA_DIR, "val", format="tfds")
