@@ -442,4 +442,6 @@ def evaluate_checkpoint(
         )
         source = trainer.source_from_config(config, config.data.eval_split)
         evaluator = Evaluator(config, mesh, setup.state_shardings, source)
-        return evaluator(state, out_dir=out_dir, extra={"evaluated": label})
+        model = trainer.model_summary(config, setup)
+        print(trainer.describe_model(model))
+        return evaluator(state, out_dir=out_dir, extra={"evaluated": label, "model": model})

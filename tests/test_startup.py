@@ -258,6 +258,9 @@ def test_startup_logs_finished_rerun_and_eval_py(tmp_path, caplog, capsys):
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("mIoU") == 1, run.stdout  # the table's summary line, once
     assert f"Report: {tmp_path}/eval_2/report.json" in run.stdout
+    assert "M parameters" in run.stdout and "GFLOPs" in run.stdout
+    model = json.load(open(tmp_path / "eval_2" / "report.json"))["extra"]["model"]
+    assert model["parameters"] > 0 and model["gflops"] > 0
 
 
 # ----------------------------------------------------------------------------- examples
