@@ -383,7 +383,10 @@ def _train_steps(config, workdir, model, optimizer, loader, start, last, every, 
                 log.write(json.dumps({"step": step, "loss": value, "lr": lr}) + "\n")
                 log.flush()
                 rate = (time.perf_counter() - began) / (step - start)
-                print(f"step {step}/{total}  loss {value:.4f}  lr {lr:.2e}  {rate:.2f} s/step")
+                print(
+                    f"step {step}/{total}  loss {value:.4f}  lr {lr:.2e}  {rate:.2f} s/step",
+                    flush=True,
+                )
             if step % every == 0 or step == last:
                 save_checkpoint(path, model, optimizer, step, loader.get_state(), key)
     return losses
