@@ -180,6 +180,7 @@ def make_optimizer(model: nn.Module, opt: ml_collections.ConfigDict) -> torch.op
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets every group's rate to ``lr`` times its ``lr_mult``."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
 
