@@ -489,5 +489,4 @@ _NAN_KEYS = ("loss", "grad_norm", "param_norm", "nonfinite_steps")
 def _log(step, metrics, config) -> dict[str, float]:
     """Fetches the step's metrics (the only host round trip, every ``log_every`` steps)."""
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    scalars["lr"] = train_lib.lr_at(config.optimizer, config.total_steps, step - 1)
     return scalars
