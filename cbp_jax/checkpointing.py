@@ -85,6 +85,10 @@ class NoUsableCheckpointError(RuntimeError):
     """Every checkpoint of a workdir failed to restore."""
 
 
+class CheckpointLayoutError(NoUsableCheckpointError):
+    """A checkpoint holds another train-state layout than the run builds (not damage)."""
+
+
 class _DropFailedWriteNoise(logging.Filter):
     """Drops Orbax's and asyncio's error records about a write under ``directory``: one
     traceback per array, hundreds per failed save, all saying what the single
@@ -208,8 +212,34 @@ class Checkpointer:
             "on a larger disk), then rerun the same command to resume."
         )
 
+    def _check_layout(self, step: int, target) -> None:
+        """Raises :class:`CheckpointLayoutError` if ``step`` holds other state entries than
+        ``target``; unreadable metadata is left to the restore itself."""
+        try:
+            saved = set(self.manager.item_metadata(step)["state"].tree)
+        except Exception:  # noqa: BLE001 -- a damaged checkpoint: restore() reports it
+            return
+        expected = set(_flat_names(target))
+        if saved == expected:
+            return
+        missing, extra = sorted(expected - saved), sorted(saved - expected)
+        raise CheckpointLayoutError(
+            f"The checkpoint {os.path.join(self.directory, str(step))} holds another train "
+            f"state than this run builds: {len(missing)} entries missing (e.g. {missing[:3]}), "
+            f"{len(extra)} not expected (e.g. {extra[:3]}). It was written by another model or "
+            "optimizer configuration, or by cbp_jax before the optimizer state became "
+            "optax.partition groups under optax.inject_hyperparams. Nothing was moved: resume "
+            "it with the code and config that wrote it, or pass another --workdir to start "
+            "afresh."
+        )
+
     def restore(self, step: int, target) -> tuple[Any, dict]:
-        """``(state, data_state)`` of ``step``, laid out as ``target`` (structure, shardings)."""
+        """``(state, data_state)`` of ``step``, laid out as ``target`` (structure, shardings).
+
+        Raises:
+          CheckpointLayoutError: ``step`` holds another set of state entries than ``target``.
+        """
+        self._check_layout(step, target)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -225,13 +255,16 @@ class Checkpointer:
 
         A step that does not restore (a truncated file, a lost manifest) is moved aside to
         ``<step>.broken`` (never deleted), with a warning naming it, and the next older step
-        is tried.
+        is tried. A checkpoint of another layout (:class:`CheckpointLayoutError`) stops the
+        search and is left where it is.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         broken = []
         for step in steps:
             try:
                 state, data_state = self.restore(step, target)
+            except CheckpointLayoutError:
+                raise
             except Exception as e:  # noqa: BLE001 -- named in the warning, then the next step
                 moved = self._set_aside(step)
                 reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else repr(e)

@@ -3,6 +3,12 @@
 ``train.py`` calls :func:`watch` before its heavy imports, so a SIGTERM during start-up
 (imports, data, compilation) is caught too: the run stops cleanly with status 0 instead of
 dying with 143. This module imports nothing heavy.
+
+Several processes: ``jax.distributed.initialize`` starts JAX's preemption sync manager,
+whose C++ SIGTERM handler takes the signal from then on (Python's handler no longer runs,
+though ``signal.getsignal`` still names it), and tells every process; Orbax's
+``CheckpointManager.reached_preemption(step)`` is then True on all of them at the same
+step. :meth:`Preemption.reached` asks both.
 """
 
 import logging
@@ -26,6 +32,13 @@ class Preemption:
             signum,
         )
         self.requested = True
+
+    def reached(self, step: int, manager) -> bool:
+        """Whether to save ``step`` and stop: a SIGTERM seen by this process's handler (one
+        process, or before ``jax.distributed`` started), or the step that every process
+        agreed on (``manager``: an Orbax ``CheckpointManager``; its ``reached_preemption``
+        is False in a single process). Call it at every step on every process."""
+        return self.requested or manager.reached_preemption(step)
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)

@@ -115,14 +115,16 @@ def param_groups(model: nnx.Module, params, cfg: ml_collections.ConfigDict):
     return lr_mults, decay_mask
 
 
-def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
-    """Multiplies each update by a constant per-parameter factor (a pytree like the params)."""
+def group_labels(lr_mults, decay_mask) -> tuple[Any, dict[str, tuple[float, bool]]]:
+    """``optax.partition`` labels: ``"group_i"`` per distinct (lr multiplier, decay) pair.
 
-    def update(updates, state, params=None):
-        del params
-        return jax.tree_util.tree_map(lambda u, m: u * m, updates, multipliers), state
-
-    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+    Returns the labels (a pytree like ``lr_mults``) and ``{label: (lr_mult, decay)}``; groups
+    are numbered in sorted (lr_mult, decay) order.
+    """
+    pairs = zip(jax.tree.leaves(lr_mults), jax.tree.leaves(decay_mask), strict=True)
+    names = {pair: f"group_{i}" for i, pair in enumerate(sorted(set(pairs)))}
+    labels = jax.tree.map(lambda m, d: names[(m, d)], lr_mults, decay_mask)
+    return labels, {name: pair for pair, name in names.items()}
 
 
 def make_optimizer(
@@ -130,29 +132,42 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """AdamW (transformers) or SGD with momentum (convolutional models), mmseg param groups.
 
-    Decoupled decay as in PyTorch: ``p -= lr * mult * (adam(g) + wd * p)`` for AdamW;
-    L2 decay added to the gradient before momentum for SGD.
+    Each parameter group (:func:`param_groups`, :func:`group_labels`) is one branch of
+    ``optax.partition``: decoupled decay as in PyTorch, ``p -= lr * mult * (adam(g) + wd * p)``,
+    for AdamW; L2 decay added to the gradient before momentum for SGD. Gradient clipping
+    (global norm) comes first, over all groups. The schedule's learning rate goes through
+    ``optax.inject_hyperparams``, so the state holds the rate of the last update
+    (:func:`current_lr`).
     """
     lr_mults, decay_mask = param_groups(model, params, cfg)
-    schedule = learning_rate_schedule(cfg, total_steps)
-    if cfg.name == "adamw":
-        core = [
-            optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
-        ]
-    elif cfg.name == "sgd":
-        core = [
-            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
-            optax.trace(decay=cfg.momentum, nesterov=False),
-        ]
-    else:
+    labels, groups = group_labels(lr_mults, decay_mask)
+    if cfg.name not in ("adamw", "sgd"):
         raise ValueError(f"optimizer.name={cfg.name!r}; use 'adamw' or 'sgd'.")
-    # The clipping slot is always there (stateless either way), so turning clip_norm on when
-    # resuming after a non-finite stop keeps the optimizer state's layout.
-    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.get("clip_norm") else optax.identity()
-    return optax.chain(
-        clip, *core, scale_by_multipliers(lr_mults), optax.scale_by_learning_rate(schedule)
-    )
+
+    def group(lr_mult: float, decay: bool, learning_rate) -> optax.GradientTransformation:
+        wd = optax.add_decayed_weights(cfg.weight_decay) if decay else optax.identity()
+        if cfg.name == "adamw":
+            core = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), wd]
+        else:
+            core = [wd, optax.trace(decay=cfg.momentum, nesterov=False)]
+        return optax.chain(*core, optax.scale(lr_mult), optax.scale_by_learning_rate(learning_rate))
+
+    def build(learning_rate) -> optax.GradientTransformation:
+        # The clipping slot is always there (stateless either way), so turning clip_norm on
+        # when resuming after a non-finite stop keeps the optimizer state's layout.
+        clip = (
+            optax.clip_by_global_norm(cfg.clip_norm) if cfg.get("clip_norm") else optax.identity()
+        )
+        branches = {name: group(*pair, learning_rate) for name, pair in groups.items()}
+        return optax.chain(clip, optax.partition(branches, labels))
+
+    return optax.inject_hyperparams(build)(learning_rate=learning_rate_schedule(cfg, total_steps))
+
+
+def current_lr(opt_state) -> jax.Array:
+    """The base learning rate of the last update (before any group's multiplier), from the
+    state of :func:`make_optimizer`; the first step's rate before any update."""
+    return opt_state.hyperparams["learning_rate"]
 
 
 # ----------------------------------------------------------------------------- state
@@ -295,7 +310,8 @@ def make_train_step(
 
     A step whose loss, gradient or updated parameters are not finite leaves the state
     untouched (the step counter too) and increments ``state["nonfinite_steps"]``, reported
-    in the metrics, so the host can stop with the last good state at its next look.
+    in the metrics, so the host can stop with the last good state at its next look. The
+    metrics also hold ``lr``, the base learning rate the update used (:func:`current_lr`).
     """
 
     def train_step(state: State, batch: dict[str, jax.Array]):
@@ -339,6 +355,7 @@ def make_train_step(
         new_state = keep_if_finite(finite, new_state, state)
         new_state["nonfinite_steps"] = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
         metrics |= {"grad_norm": grad_norm, "param_norm": param_norm}
+        metrics["lr"] = current_lr(opt_state)  # the base rate this update used
         metrics["nonfinite_steps"] = new_state["nonfinite_steps"]
         return new_state, metrics
 
@@ -353,8 +370,3 @@ def make_predict_fn(graphdef: nnx.GraphDef) -> Callable[[State, jax.Array], jax.
         return model(images, train=False)["logits"]
 
     return predict
-
-
-def lr_at(cfg: ml_collections.ConfigDict, total_steps: int, step: int) -> float:
-    """The base learning rate at ``step`` (for logging)."""
-    return float(learning_rate_schedule(cfg, total_steps)(step))

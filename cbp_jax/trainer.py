@@ -378,8 +378,9 @@ def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
                 )
             checkpointer.check_saves()
             last = step == config.total_steps
+            preempted = preemption.reached(step, checkpointer.manager)
             scalars = None
-            if step % config.log_every == 0 or last or preemption.requested:
+            if step % config.log_every == 0 or last or preempted:
                 scalars = _log(step, metrics, config)  # waits for the step
             if progress(step) and scalars is not None:
                 scalars |= progress.rates
@@ -388,11 +389,11 @@ def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
                 if scalars["nonfinite_steps"]:
                     raise _nonfinite_stop(step, scalars, checkpointer)
                 losses[step] = scalars["loss"]
-            if step % config.checkpoint.every == 0 or last or preemption.requested:
+            if step % config.checkpoint.every == 0 or last or preempted:
                 if int(jax.device_get(state["nonfinite_steps"])):  # skipped since the last log
                     raise _nonfinite_stop(step, None, checkpointer)
                 checkpointer.save(step, state, loader.get_state(), force=True)
-            if preemption.requested:
+            if preempted:
                 checkpointer.wait()
                 print(f"Preempted: saved step {step}; rerun the same command to resume.")
                 summary["preempted"] = True
@@ -489,5 +490,4 @@ _NAN_KEYS = ("loss", "grad_norm", "param_norm", "nonfinite_steps")
 def _log(step, metrics, config) -> dict[str, float]:
     """Fetches the step's metrics (the only host round trip, every ``log_every`` steps)."""
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    scalars["lr"] = train_lib.lr_at(config.optimizer, config.total_steps, step - 1)
     return scalars

@@ -5,6 +5,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from config_helpers import load_config
 from flax import nnx
@@ -262,6 +263,87 @@ def test_convnext_stagewise_decay_and_no_decay_on_1d():
     assert decay["encoder/stages/0/blocks/0/gamma"] is False
     assert decay["encoder/stages/0/blocks/0/fc1/bias"] is False
     assert decay["encoder/stages/0/blocks/0/fc1/kernel"] is True
+
+
+def _numpy_optimizer_updates(cfg, params, lr_mults, decay, grads, lrs):
+    """PyTorch's AdamW / SGD (L2 decay, momentum) per parameter group in float64, with
+    global-norm clipping first: the updates ``-lr * mult * direction`` of each step."""
+    p = [np.asarray(x, np.float64) for x in params]
+    m = [np.zeros_like(x) for x in p]
+    v = [np.zeros_like(x) for x in p]
+    out = []
+    for t, (g, lr) in enumerate(zip(grads, lrs, strict=True), start=1):
+        g = [np.asarray(x, np.float64) for x in g]
+        if cfg.clip_norm:
+            norm = np.sqrt(sum(np.sum(x**2) for x in g))
+            g = [x * min(1.0, cfg.clip_norm / norm) for x in g]
+        step = []
+        for i, (gi, mult, d) in enumerate(zip(g, lr_mults, decay, strict=True)):
+            wd = cfg.weight_decay if d else 0.0
+            if cfg.name == "adamw":
+                m[i] = cfg.b1 * m[i] + (1 - cfg.b1) * gi
+                v[i] = cfg.b2 * v[i] + (1 - cfg.b2) * gi**2
+                m_hat, v_hat = m[i] / (1 - cfg.b1**t), v[i] / (1 - cfg.b2**t)
+                direction = m_hat / (np.sqrt(v_hat) + cfg.eps) + wd * p[i]
+            else:
+                m[i] = cfg.momentum * m[i] + gi + wd * p[i]
+                direction = m[i]
+            step.append(-lr * mult * direction)
+            p[i] = p[i] + step[-1]
+        out.append(step)
+    return out
+
+
+# The SegFormer-B0 smoke model under two recipes: AdamW with clipping, the x10 head,
+# stage-wise layer decay (MiT paths take ConvNeXt's ids) and no decay on 1-D parameters;
+# SGD with momentum and L2 decay on everything.
+OPTIMIZER_RECIPES = {
+    "adamw": {
+        "clip_norm": 1.0,
+        "layer_decay": 0.9,
+        "layer_decay_num_layers": 4,
+        "no_decay_1d": True,
+    },
+    "sgd": {"name": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "no_decay_norm": False},
+}
+
+
+@pytest.mark.parametrize("recipe", OPTIMIZER_RECIPES)
+def test_optimizer_matches_numpy_param_groups(recipe):
+    config = load_config("ade20k_mit_b0", "smoke")
+    cfg = config.optimizer
+    cfg.update(OPTIMIZER_RECIPES[recipe])
+    model = nnx.eval_shape(lambda: trainer.model_from_config(config))
+    _, abstract, _ = train_lib.split_model(model)
+    rng = np.random.default_rng(0)
+    params, *grads = [
+        jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype), abstract)
+        for _ in range(4)
+    ]
+    lr_mults, decay = train_lib.param_groups(model, params, cfg)
+    tx = train_lib.make_optimizer(model, params, cfg, total_steps=10)
+    schedule = train_lib.learning_rate_schedule(cfg, 10)
+    expected = _numpy_optimizer_updates(
+        cfg,
+        jax.tree.leaves(params),
+        jax.tree.leaves(lr_mults),
+        jax.tree.leaves(decay),
+        [jax.tree.leaves(g) for g in grads],
+        [float(schedule(t)) for t in range(3)],
+    )
+    state, update = jax.jit(tx.init)(params), jax.jit(tx.update)
+    for t, g in enumerate(grads):
+        updates, state = update(g, state, params)
+        np.testing.assert_allclose(float(train_lib.current_lr(state)), schedule(t), rtol=1e-7)
+        for ours, ref in zip(jax.tree.leaves(updates), expected[t], strict=True):
+            np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        params = optax.apply_updates(params, updates)
+    labels, groups = train_lib.group_labels(lr_mults, decay)
+    pairs = set(zip(jax.tree.leaves(lr_mults), jax.tree.leaves(decay), strict=True))
+    assert sorted(groups.values()) == sorted(pairs) and len(pairs) > 1
+    if recipe == "adamw":  # 4 stages + stem/head ids, each with and without decay
+        assert len(pairs) >= 8
+    assert len(set(jax.tree.leaves(labels))) == len(pairs)
 
 
 def _tiny(update="frozen"):

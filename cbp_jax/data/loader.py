@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import queue
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -152,67 +150,12 @@ def _check_batch(
     return global_batch_size // shard_count
 
 
-class _Prefetcher:
-    """A thread that pulls numpy batches and turns them into global arrays ahead."""
-
-    def __init__(self, iterator, convert, size: int):
-        self._it, self._convert = iterator, convert
-        self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
-        self._stop = threading.Event()
-        self._final = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        try:
-            for batch in self._it:
-                item = ("ok", self._convert(batch))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._queue.put(("end", None))
-        except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer
-            self._queue.put(("error", e))
-
-    def get(self):
-        if self._final is not None:  # the stream ended or failed: say so every time
-            kind, value = self._final
-        else:
-            while True:
-                try:
-                    kind, value = self._queue.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if not self._thread.is_alive() and self._queue.empty():
-                        raise RuntimeError("the loader's prefetch thread stopped") from None
-            if kind != "ok":
-                self._final = (kind, value)
-        if kind == "error":
-            raise value
-        if kind == "end":
-            raise StopIteration
-        return value
-
-    def close(self):
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
-            self._thread.join(timeout=0.1)
-
-
 class _BaseLoader:
-    """Owns a grain iterator and a device-prefetch thread; closes both."""
+    """Owns a grain iterator whose last stage, grain's ``ThreadPrefetchIterDataset``, converts
+    the next ``prefetch`` elements (to global arrays) in a background thread; closes it."""
 
-    _prefetcher: _Prefetcher | None = None
     _grain_it = None
+    _error: Exception | None = None
 
     def _start(self, dataset, num_workers: int, read_threads: int, convert, prefetch: int):
         _parse_absl_flags()
@@ -224,14 +167,27 @@ class _BaseLoader:
                 grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
                 worker_init_fn=_worker_init,
             )
+        if convert is not None:  # in this process: global arrays need the process's devices
+            it_ds = it_ds.map(convert)
+        it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
         self._grain_it = iter(it_ds)
-        self._prefetcher = _Prefetcher(self._grain_it, convert, prefetch)
+        self._error = None
+
+    def _next_element(self):
+        """The grain iterator's next element; after a failure, that failure every time (grain
+        would go on with the next element, silently dropping the failed one)."""
+        if self._grain_it is None:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        if self._error is not None:
+            raise self._error
+        try:
+            return next(self._grain_it)
+        except Exception as e:
+            self._error = e
+            raise
 
     def close(self) -> None:
         """Stops the prefetch thread and the worker processes (idempotent)."""
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
         if self._grain_it is not None:
             self._grain_it.close()
             self._grain_it = None
@@ -325,9 +281,7 @@ class TrainLoader(_BaseLoader):
         self._start(ds, self.num_workers, self.read_threads, convert, self.prefetch)
 
     def __next__(self) -> dict:
-        if self._prefetcher is None:
-            raise RuntimeError("TrainLoader is closed")
-        batch = self._prefetcher.get()
+        batch = self._next_element()
         skipped = int(batch.pop("skipped"))
         if skipped:
             self.num_skipped += skipped
@@ -393,7 +347,8 @@ def make_train_loader(
         seed: shuffling and augmentation seed.
         num_workers: grain worker processes (0: in the main process).
         read_threads: threads per worker (or in the main process) making batches.
-        prefetch: batches converted to device arrays ahead of time.
+        prefetch: batches converted to device arrays ahead of time, in the thread of grain's
+            ``ThreadPrefetchIterDataset`` (0: none; each batch is converted when asked for).
         shard_options: grain ``ShardOptions``; default ``ShardByJaxProcess``.
         skip_bad_examples: replace bad examples by the next good record and count
             them (``loader.num_skipped``); default: the source's setting.
@@ -524,11 +479,11 @@ class EvalLoader(_BaseLoader):
 
             self._sharding = NamedSharding(mesh, PartitionSpec(data_axis))
         self._batches: list[dict] = []
-        self._start(ds, num_workers, read_threads, lambda example: example, prefetch)
+        self._start(ds, num_workers, read_threads, None, prefetch)
 
     def _next_chunk(self) -> None:
         """Reads this process's slots of the next chunk and queues its same-size batches."""
-        chunk = [self._prefetcher.get() for _ in range(self.local_batch_size)]
+        chunk = [self._next_element() for _ in range(self.local_batch_size)]
         keys = [_size_key(ex) for ex in chunk]
         for key in _all_size_keys(keys):
             group = _pad_group(
@@ -543,7 +498,7 @@ class EvalLoader(_BaseLoader):
 
     def __next__(self) -> dict:
         while not self._batches:
-            if self._prefetcher is None:
+            if self._grain_it is None:
                 raise StopIteration
             try:
                 self._next_chunk()
