@@ -42,7 +42,7 @@ class Run:
     overrides: tuple[tuple[str, str], ...] = ()
     seed: int = 0
     steps: int = 300
-    pytorch: bool = False  # transformers SegFormer-B0 (bench/camvid_pytorch_baseline.py)
+    pytorch: str = ""  # transformers SegFormer-B0 with this init ("hf" | "mmseg")
 
     @property
     def name(self) -> str:
@@ -52,7 +52,8 @@ class Run:
     def command(self, workdir: str) -> list[str]:
         if self.pytorch:
             return [sys.executable, "bench/camvid_pytorch_baseline.py", "--workdir", workdir,
-                    "--steps", str(self.steps), "--seed", str(self.seed)]  # fmt: skip
+                    "--steps", str(self.steps), "--seed", str(self.seed),
+                    "--root", CAMVID_ROOT, "--init", self.pytorch]  # fmt: skip
         config = CONFIG + (f":{self.variant}" if self.variant else "")
         flags = {"data.root": CAMVID_ROOT, "total_steps": self.steps, "seed": self.seed}
         flags["eval.every"] = 0
@@ -63,16 +64,25 @@ class Run:
 
 
 def runs(steps: int, long_steps: int) -> list[Run]:
-    """Every run in sweep order: Table 3 over three seeds first, then the PyTorch check,
-    then the one-seed ablations, then Table 3 at the longer budget."""
+    """Every run in sweep order: Table 3 (seed 0), the PyTorch recipe check, Table 3's other
+    two seeds, the one-seed ablations, then Table 3 at the longer budget."""
     table3 = [
         ("Baseline", "baseline", ()),
         ("CBP", "", (("loss.occl", "False"),)),
         ("OCCL", "baseline", (("loss.occl", "True"),)),
         ("CBP + OCCL", "", ()),
     ]
-    out = [Run("table3", row, v, o, seed=s, steps=steps) for s in (0, 1, 2) for row, v, o in table3]
-    out.append(Run("fidelity", "PyTorch baseline", steps=steps, pytorch=True))
+    out = [Run("table3", row, v, o, seed=0, steps=steps) for row, v, o in table3]
+    # Recipe fidelity: transformers' SegFormer-B0 has the all-MLP head (ours: head=mlp) and
+    # its own init; both against our learned baseline.
+    out += [
+        Run("fidelity", "PyTorch, transformers init", steps=steps, pytorch="hf"),
+        Run(
+            "fidelity", "Baseline, all-MLP head", "baseline", (("model.head", "mlp"),), steps=steps
+        ),
+        Run("fidelity", "PyTorch, mmseg init", steps=steps, pytorch="mmseg"),
+    ]
+    out += [Run("table3", row, v, o, seed=s, steps=steps) for s in (1, 2) for row, v, o in table3]
     one_seed = [
         ("table4", "Gradient", (("model.cbp_update", "gradient"),)),
         ("table4", "EMA", (("model.cbp_update", "ema"),)),
@@ -106,12 +116,19 @@ def read_results(path: str) -> dict[str, dict]:
     return rows
 
 
+def report_path(workdir: str, steps: int) -> str | None:
+    """The final ``report.json`` of a run's workdir, or None before it finished (``eval/``:
+    runs made before evaluations were named by step)."""
+    for folder in (f"eval_{steps}", "eval"):
+        path = os.path.join(workdir, folder, "report.json")
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def result_row(run: Run, workdir: str, command: list[str], seconds: float) -> dict:
     """The results-file row of a finished run, from its ``eval/report.json``."""
-    path = os.path.join(workdir, f"eval_{run.steps}", "report.json")
-    if not os.path.exists(path):  # runs made before evaluations were named by step
-        path = os.path.join(workdir, "eval", "report.json")
-    with open(path) as f:
+    with open(report_path(workdir, run.steps)) as f:
         rep = json.load(f)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -153,6 +170,12 @@ def sweep(
             continue
         workdir = os.path.join(workdirs, run.name)
         command = run.command(workdir)
+        shown = run.command(os.path.join("workdirs", "camvid_ablations", run.name))
+        if report_path(workdir, run.steps):  # finished before its row was written
+            row = result_row(run, workdir, shown, float("nan")) | {"devices": devices}
+            with open(results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            continue
         print(f"[{time.strftime('%H:%M:%S')}] run {i + 1}/{len(all_runs)}: {run.name}", flush=True)
         print("  " + shlex.join(command), flush=True)
         start = time.time()
@@ -166,7 +189,6 @@ def sweep(
             print(f"  attempt {attempt} FAILED with status {proc.returncode}: {workdir}.log")
         if proc.returncode != 0:
             continue
-        shown = run.command(os.path.join("workdirs", "camvid_ablations", run.name))
         row = result_row(run, workdir, shown, time.time() - start) | {"devices": devices}
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")

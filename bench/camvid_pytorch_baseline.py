@@ -13,7 +13,7 @@ overrides work the same) and evaluates it with our evaluation code:
   and seed), so the batch order and every augmentation are those of ``train.py``;
 - optimizer: AdamW with mmseg's parameter groups as ``train_lib.param_groups`` forms them
   (head lr x ``head_lr_mult``, no weight decay on encoder norms except MiT's stage-final
-  ones) and the learning rate of ``train_lib.lr_at`` at every step;
+  ones) and the learning rate of ``train_lib.learning_rate_schedule`` at every step;
 - loss: CE on logits bilinearly upsampled (``align_corners=False``) to the label size,
   ignore 255, divided per ``config.loss.ce_average`` (``"all"``: by every pixel);
 - evaluation: ``eval_lib.evaluate`` over our eval loader (the same test transform, logits
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -58,8 +59,9 @@ from torch.nn import functional as F  # noqa: E402
 
 from cbp_jax import data as data_lib  # noqa: E402
 from cbp_jax import eval_lib, metrics, report, train_lib  # noqa: E402
+from cbp_jax.logs import keep_metric_rows_until  # noqa: E402
 from cbp_jax.models.mit import MIT_VARIANTS, MiTConfig  # noqa: E402
-from cbp_jax.trainer import keep_metric_rows_until, source_from_config  # noqa: E402
+from cbp_jax.trainer import source_from_config  # noqa: E402
 
 CHECKPOINT = "checkpoint.pt"
 IGNORE_INDEX = data_lib.IGNORE_INDEX
@@ -132,11 +134,39 @@ def hf_config(config: ml_collections.ConfigDict) -> transformers.SegformerConfig
 
 
 def create_model(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict, init: str = "hf"
 ) -> transformers.SegformerForSemanticSegmentation:
-    """transformers' segmentor, initialized as transformers does it (seed ``config.seed``)."""
+    """transformers' segmentor (seed ``config.seed``), initialized as transformers does it
+    (``init="hf"``: every Linear and Conv2d weight N(0, 0.02)) or as NVlabs / mmseg and
+    cbp_jax do (``init="mmseg"``, :func:`mmseg_init`)."""
     torch.manual_seed(config.seed)
-    return transformers.SegformerForSemanticSegmentation(hf_config(config))
+    model = transformers.SegformerForSemanticSegmentation(hf_config(config))
+    if init == "mmseg":
+        mmseg_init(model)
+    elif init != "hf":
+        raise ValueError(f"init must be 'hf' or 'mmseg', got {init!r}.")
+    return model
+
+
+@torch.no_grad()
+def mmseg_init(model: nn.Module) -> None:
+    """NVlabs SegFormer's init (which ours follows): Linear weights truncated N(0, 0.02),
+    convs He fan-out N(0, 2 / (k * k * out / groups)) -- std 0.47 for the 3x3 depthwise
+    convs instead of transformers' 0.02 --, norms 1 / 0, biases 0, classifier N(0, 0.01)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.Conv2d):
+            k0, k1 = module.kernel_size
+            fan_out = k0 * k1 * module.out_channels // module.groups
+            module.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(module, NORM_TYPES):
+            module.weight.fill_(1.0)
+        if getattr(module, "bias", None) is not None and not isinstance(module, NORM_TYPES):
+            module.bias.zero_()
+        elif isinstance(module, NORM_TYPES) and module.bias is not None:
+            module.bias.zero_()
+    model.decode_head.classifier.weight.normal_(0.0, 0.01)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -286,6 +316,7 @@ def train_and_evaluate(
     *,
     threads: int = 2,
     checkpoint_every: int = 100,
+    init: str = "hf",
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Trains ``config``'s baseline in PyTorch in ``workdir`` (resuming), then evaluates.
@@ -305,7 +336,7 @@ def train_and_evaluate(
     torch.set_num_threads(threads)
     os.makedirs(workdir, exist_ok=True)
     d, total = config.data, config.total_steps
-    model = create_model(config)
+    model = create_model(config, init)
     optimizer = make_optimizer(model, config.optimizer)
     key = _run_key(config)
     start, loader_state = load_checkpoint(os.path.join(workdir, CHECKPOINT), model, optimizer, key)
@@ -355,6 +386,7 @@ def _train_steps(config, workdir, model, optimizer, loader, start, last, every, 
     path = os.path.join(workdir, CHECKPOINT)
     jsonl = os.path.join(workdir, "metrics.jsonl")
     keep_metric_rows_until(jsonl, start)
+    schedule = train_lib.learning_rate_schedule(config.optimizer, total)
     losses = {}
     model.train()
     began = time.perf_counter()
@@ -364,7 +396,7 @@ def _train_steps(config, workdir, model, optimizer, loader, start, last, every, 
             images = torch.from_numpy(np.array(batch["image"], np.float32)).permute(0, 3, 1, 2)
             labels = torch.from_numpy(np.array(batch["label"], np.int64))
             # optax evaluates the schedule at the count of updates already applied.
-            lr = train_lib.lr_at(config.optimizer, total, step - 1)
+            lr = float(schedule(step - 1))
             set_learning_rate(optimizer, lr)
             logits = model(pixel_values=images).logits
             loss = upsampled_cross_entropy(logits, labels, config.loss.ce_average)
@@ -412,7 +444,7 @@ def main(argv) -> None:
     config_checks.validate(config)
     began = time.perf_counter()
     summary = train_and_evaluate(
-        config, f.workdir, threads=f.threads, checkpoint_every=f.checkpoint_every
+        config, f.workdir, threads=f.threads, checkpoint_every=f.checkpoint_every, init=f.init
     )
     print(f"wall time {time.perf_counter() - began:.0f} s (training {summary['seconds']:.0f} s)")
 
@@ -430,6 +462,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("root", None, "CamVid folder (default: config.data.root).")
     flags.DEFINE_integer("threads", 2, "torch intra-op threads.")
     flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
+    flags.DEFINE_enum("init", "hf", ["hf", "mmseg"], "transformers' init or NVlabs/mmseg's.")
     flags.mark_flag_as_required("workdir")
 
 
