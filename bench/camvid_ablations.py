@@ -306,12 +306,28 @@ def write_figures(rows: dict[str, dict], out_dir: str, steps: int) -> list[str]:
     return written
 
 
+BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+
+
+def update_markdown(path: str, rows: dict[str, dict]) -> None:
+    """Replaces the text between ``BEGIN`` and ``END`` in ``path`` by :func:`tables`."""
+    with open(path) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{path} has no {BEGIN} ... {END} block to fill.")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{tables(rows)}\n{END}{tail}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sweep", action="store_true", help="run every run not yet in --results")
     p.add_argument("--list", action="store_true", help="print the runs and their commands")
     p.add_argument("--table", action="store_true", help="print the results as tables")
     p.add_argument("--figures", default="", help="write Fig. 5 and Fig. 6 PNGs to this folder")
+    p.add_argument("--markdown", default="", help="fill the tables block of this file")
     p.add_argument("--only", default="", help="comma-separated tables to run, e.g. table3")
     p.add_argument("--steps", type=int, default=300, help="the budget of every run")
     p.add_argument("--long_steps", type=int, default=1200, help="Table 3 at a longer budget")
@@ -332,6 +348,8 @@ def main() -> None:
         sweep(all_runs, a.results, a.workdirs, only, a.devices)
     if a.table:
         print(tables(read_results(a.results)))
+    if a.markdown:
+        update_markdown(a.markdown, read_results(a.results))
     if a.figures:
         for path in write_figures(read_results(a.results), a.figures, a.steps):
             print("wrote", path)

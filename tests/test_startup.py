@@ -233,6 +233,14 @@ def test_startup_logs_finished_rerun_and_eval_py(tmp_path, caplog, capsys):
     report = json.load(open(tmp_path / "eval_2" / "report.json"))
     assert report["extra"]["model"]["parameters"] > 1e6 and report["extra"]["model"]["gflops"] > 0
     assert not os.path.exists(tmp_path / "eval")
+    image_tags = {
+        v.tag
+        for file_events in read_events(tmp_path / "tensorboard")
+        for e in file_events
+        for v in e.summary.value
+        if v.HasField("image")
+    }
+    assert {"eval/prototype_cosine", "eval/f1_by_frequency"} <= image_tags, image_tags
 
     metrics_before = open(tmp_path / "metrics.jsonl").read()
     events_before = sorted(os.listdir(tmp_path / "tensorboard"))
