@@ -27,6 +27,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # cbp_jax, for --figures
 CONFIG = "configs/camvid_mit_b0.py"
 CAMVID_ROOT = "../shared/datasets/camvid"
 RARE_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist", "fence")
@@ -243,7 +244,12 @@ def tables(rows: dict[str, dict]) -> str:
 
 
 def class_weights(workdir: str) -> np.ndarray:
-    """(N, C) float32 classifier matrix (prototypes or learned weights) of a finished run."""
+    """(N, C) float32 classifier matrix (prototypes or learned weights) of a finished run,
+    cached in ``<workdir>/class_weights.npy`` (which also serves runs whose checkpoints the
+    current code no longer restores)."""
+    cached = os.path.join(workdir, "class_weights.npy")
+    if os.path.exists(cached):
+        return np.load(cached)
     import jax
     import ml_collections
     from flax import nnx
@@ -261,7 +267,9 @@ def class_weights(workdir: str) -> np.ndarray:
         state, _ = checkpointer.restore(checkpointer.latest_step(), setup.init_state())
         checkpointer.close()
         model = nnx.merge(setup.graphdef, state["params"], state["model_state"])
-        return np.asarray(jax.device_get(model.classifier.class_weights()), np.float32)
+        weights = np.asarray(jax.device_get(model.classifier.class_weights()), np.float32)
+    np.save(cached, weights)
+    return weights
 
 
 def write_figures(rows: dict[str, dict], out_dir: str, steps: int) -> list[str]:
