@@ -1,4 +1,4 @@
-"""Exports a trained model to run without this code.
+r"""Exports a trained model to run without this code.
 
     python export.py --config configs/scenes_mit_b0.py --workdir workdirs/scenes_mit_b0 \
         --to jax --out scenes.jaxexport                   # jax.export artifact (+ .json)

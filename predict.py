@@ -1,4 +1,4 @@
-"""Predicts label maps for new images, folders of images and videos with a trained model.
+r"""Predicts label maps for new images, folders of images and videos with a trained model.
 
     python predict.py --config configs/scenes_mit_b0.py --workdir workdirs/scenes_mit_b0 \
         photo.jpg more_photos/ clip.mp4 --out predictions

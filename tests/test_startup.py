@@ -101,6 +101,7 @@ def test_throughput():
 
 def test_progress_rate_and_eta_leave_out_the_compile_step(caplog):
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")  # earlier tests may have quieted absl
     progress = logs.ReportProgress(num_train_steps=62, batch_size=8, num_devices=2, every_steps=1)
     # Step 1 compiled for 100 s; steps 2 and 3 took 60 s each.
     assert not progress(1, t=100.0)  # the first call starts the clock
@@ -212,6 +213,7 @@ def test_model_stats_count_and_flops():
 @pytest.mark.slow
 def test_startup_logs_finished_rerun_and_eval_py(tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")  # earlier tests may have quieted absl
     config = tiny_config(total_steps=2, log_every=1)
     config.eval.update(max_images=1, num_panels=0)
     summary = trainer.train_and_evaluate(config, str(tmp_path))
