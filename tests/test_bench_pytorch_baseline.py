@@ -147,6 +147,6 @@ def test_mmseg_init_draws_convs_by_fan_out_and_the_classifier_at_0_01():
     assert abs(float(dw_hf.detach().std()) - 0.02) < 0.005
     assert abs(float(dw_mm.detach().std()) - math.sqrt(2 / 9)) < 0.05
     assert abs(float(mm.decode_head.classifier.weight.detach().std()) - 0.01) < 0.002
-    assert float(mm.decode_head.classifier.bias.abs().max()) == 0.0
+    assert float(mm.decode_head.classifier.bias.detach().abs().max()) == 0.0
     with pytest.raises(ValueError, match="init must be"):
         bench.create_model(config, "xavier")
