@@ -127,7 +127,7 @@ def report_path(workdir: str, steps: int) -> str | None:
     return None
 
 
-def result_row(run: Run, workdir: str, command: list[str], seconds: float) -> dict:
+def result_row(run: Run, workdir: str, command: list[str], seconds: float | None) -> dict:
     """The results-file row of a finished run, from its ``eval/report.json``."""
     with open(report_path(workdir, run.steps)) as f:
         rep = json.load(f)
@@ -145,7 +145,7 @@ def result_row(run: Run, workdir: str, command: list[str], seconds: float) -> di
         "F1": {c["class"]: c["F1"] for c in rep["per_class"]},
         "prototype_analysis": extra.get("prototype_analysis"),
         "f1_by_frequency_groups": extra.get("f1_by_frequency_groups"),
-        "seconds": round(seconds, 1),
+        "seconds": None if seconds is None else round(seconds, 1),
         "commit": commit,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -173,7 +173,7 @@ def sweep(
         command = run.command(workdir)
         shown = run.command(os.path.join("workdirs", "camvid_ablations", run.name))
         if report_path(workdir, run.steps):  # finished before its row was written
-            row = result_row(run, workdir, shown, float("nan")) | {"devices": devices}
+            row = result_row(run, workdir, shown, None) | {"devices": devices}
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             continue
