@@ -3,6 +3,7 @@
     python bench/models.py                       # all segmentors, 512x512, 150 classes
     python bench/models.py --models segformer_b0 --size 256 --repeats 3
     python bench/models.py --dwconv              # 'xla' vs 'shifted' depthwise convs only
+    python bench/models.py --formulations --dtype bfloat16   # + 1x1 and patchify convs
 
 FLOPs come from XLA's cost analysis of the jitted eval forward (batch 1); XLA counts a
 multiply-add as 2 FLOPs, while the paper's "GFLOPs" (mmcv) count multiply-adds, so the
@@ -66,26 +67,82 @@ def bench_segmentors(names, size, num_classes, repeats, classifier):
         del model, state, compiled
 
 
-def bench_dwconv(repeats):
-    print("| depthwise conv, fwd+bwd | xla (ms) | shifted (ms) | max abs diff |")
+def _timed_grad(loss, *args, repeats):
+    """Median seconds of a jitted forward + backward of ``loss`` and the input gradient."""
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return _median_time(fn, *args, repeats=repeats), fn(*args)[1][0]
+
+
+def _diff(a, b):
+    return float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
+
+
+def bench_dwconv(repeats, dtype=jnp.float32, shapes=None):
+    """``layers.depthwise_conv2d``: XLA's grouped conv against the sum of shifted slices."""
+    print(
+        f"| depthwise conv, fwd+bwd, {jnp.dtype(dtype).name} | xla (ms) | shifted (ms) | "
+        "max abs diff |"
+    )
     print("|---|---|---|---|")
     rng = np.random.default_rng(0)
-    for shape, k in (((2, 128, 128, 128), 3), ((2, 128, 128, 96), 7), ((8, 64, 64, 256), 3)):
-        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-        w = jnp.asarray(rng.normal(size=(k, k, 1, shape[-1])), jnp.float32)
-        b = jnp.zeros((shape[-1],), jnp.float32)
+    shapes = shapes or (((2, 128, 128, 128), 3), ((2, 128, 128, 96), 7), ((8, 64, 64, 256), 3))
+    for shape, k in shapes:
+        x = jnp.asarray(rng.normal(size=shape), dtype)
+        w = jnp.asarray(rng.normal(size=(k, k, 1, shape[-1])), dtype)
+        b = jnp.zeros((shape[-1],), dtype)
         res = {}
         for impl in ("xla", "shifted"):
 
             def loss(x, w, b, impl=impl, k=k):
-                return jnp.sum(layers.depthwise_conv2d(x, w, b, padding=k // 2, impl=impl) ** 2)
+                y = layers.depthwise_conv2d(x, w, b, padding=k // 2, impl=impl)
+                return jnp.sum(y.astype(jnp.float32) ** 2)
 
-            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-            res[impl] = (_median_time(fn, x, w, b, repeats=repeats), fn(x, w, b)[1][0])
-        diff = float(jnp.abs(res["xla"][1] - res["shifted"][1]).max())
+            res[impl] = _timed_grad(loss, x, w, b, repeats=repeats)
         print(
-            f"| {shape} k={k} | {res['xla'][0] * 1e3:.0f} | {res['shifted'][0] * 1e3:.0f} | "
-            f"{diff:.1e} |",
+            f"| {shape} k={k} | {res['xla'][0] * 1e3:.2f} | {res['shifted'][0] * 1e3:.2f} | "
+            f"{_diff(res['xla'][1], res['shifted'][1]):.1e} |",
+            flush=True,
+        )
+
+
+DENSE_CASES = (  # (input, k == stride, Cout): 1x1 fuse/laterals, MiT SR, ConvNeXt stem/downsampling
+    ((8, 128, 128, 1024), 1, 256),
+    ((8, 128, 128, 256), 1, 256),
+    ((8, 128, 128, 64), 8, 64),
+    ((8, 512, 512, 3), 4, 128),
+    ((8, 128, 128, 128), 2, 256),
+)
+
+
+def bench_dense_convs(repeats, dtype=jnp.float32, cases=DENSE_CASES):
+    """``layers.conv2d``'s matmul forms (1x1 as an einsum, kernel == stride as an einsum over
+    patches) against ``lax.conv_general_dilated`` on the same inputs, forward + backward."""
+    print(
+        f"| conv, fwd+bwd, {jnp.dtype(dtype).name} | conv_general_dilated (ms) | "
+        "layers.conv2d einsum (ms) | max abs diff |"
+    )
+    print("|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for shape, k, cout in cases:
+        x = jnp.asarray(rng.normal(size=shape), dtype)
+        w = jnp.asarray(
+            rng.normal(size=(k, k, shape[-1], cout)) / np.sqrt(k * k * shape[-1]), dtype
+        )
+
+        def loss_xla(x, w, k=k):
+            y = jax.lax.conv_general_dilated(
+                x, w, (k, k), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        def loss_einsum(x, w, k=k):
+            return jnp.sum(layers.conv2d(x, w, stride=k).astype(jnp.float32) ** 2)
+
+        t_xla, g_xla = _timed_grad(loss_xla, x, w, repeats=repeats)
+        t_ein, g_ein = _timed_grad(loss_einsum, x, w, repeats=repeats)
+        print(
+            f"| {shape} {k}x{k}/{k} -> {cout} | {t_xla * 1e3:.2f} | {t_ein * 1e3:.2f} | "
+            f"{_diff(g_xla, g_ein):.1e} |",
             flush=True,
         )
 
@@ -98,10 +155,23 @@ def main():
     ap.add_argument("--classifier", default="cbp", choices=("cbp", "linear"))
     ap.add_argument("--repeats", type=int, default=3, help="timed runs; 0 skips timing")
     ap.add_argument("--dwconv", action="store_true", help="only the depthwise-conv comparison")
+    ap.add_argument(
+        "--formulations", action="store_true", help="depthwise, 1x1 and patchify conv forms"
+    )
+    ap.add_argument("--dtype", default="float32", help="for --dwconv / --formulations")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
-    if args.dwconv:
-        bench_dwconv(max(args.repeats, 1))
+    dtype = jnp.dtype(args.dtype)
+    if args.dwconv or args.formulations:
+        bench_dwconv(max(args.repeats, 1), dtype)
+    if args.formulations:
+        bench_dwconv(
+            max(args.repeats, 1),
+            dtype,
+            (((8, 128, 128, 256), 3), ((8, 32, 32, 1280), 3), ((8, 128, 128, 128), 7)),
+        )
+        bench_dense_convs(max(args.repeats, 1), dtype)
+    if args.dwconv or args.formulations:
         return
     bench_segmentors(args.models, args.size, args.num_classes, args.repeats, args.classifier)
 

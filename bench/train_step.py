@@ -4,8 +4,14 @@
     python bench/train_step.py --model segformer_b5 --batch 2 --size 512 --steps 5
     python bench/train_step.py --quick --profile  # + where the cbp_jax step spends its time
     python bench/train_step.py --memory           # compiled memory of the B5 step (no timing)
+    python bench/train_step.py --model upernet_convnext_base --size 512 --dtype bfloat16 \
+        --variants jax-cbp-occl,torch-ce          # on a GPU: PyTorch runs on CUDA, autocast
 
-Both sides run in this one process, on the same shapes and thread count, float32:
+Both sides run in this one process, on the same shapes and thread count (float32, or
+``--dtype bfloat16``: cbp_jax's compute dtype, PyTorch's CUDA autocast; parameters stay
+float32 on both sides). On a GPU host both run on the GPU; the tables then add each
+variant's memory (cbp_jax: XLA's compiled memory analysis of its step; PyTorch: peak
+allocated by the step):
 
 - cbp_jax: ``models.create`` + ``train_lib.make_train_step`` under ``jax.jit`` with the
   state donated and the batch sharded over one CPU device per core (``cbp_jax.cpu``;
@@ -16,6 +22,9 @@ Both sides run in this one process, on the same shapes and thread count, float32
   256-wide decode head, dropout and drop path, AdamW, CE on bilinearly upsampled logits
   (ignore 255). "PyTorch CBP + OCCL" swaps its classifier for frozen prototypes and adds
   OCCL written in PyTorch below (``torch_occl``), to measure the overhead on that side too.
+
+UperNet-ConvNeXt (``--model upernet_convnext_*``) is compared with transformers'
+``UperNetForSemanticSegmentation`` (ConvNeXt backbone, auxiliary FCN head, CE + 0.4 x aux).
 
 Variants are stepped round-robin after a warm-up, so slow drift of the machine hits all of
 them alike; the table shows medians and the spread (min-max). Inference is the eval-mode
@@ -52,6 +61,16 @@ from cbp_jax import sharding, train_lib  # noqa: E402
 from cbp_jax.trainer import model_from_config  # noqa: E402
 from configs import common  # noqa: E402
 
+CONVNEXT = {  # transformers ConvNextConfig fields (and UperNet's auxiliary input width)
+    "upernet_convnext_tiny": dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3]),
+    "upernet_convnext_base": dict(hidden_sizes=[128, 256, 512, 1024], depths=[3, 3, 27, 3]),
+}
+VARIANTS = {  # --variants key: row name
+    "jax-cbp-occl": "cbp_jax CBP + OCCL",
+    "jax-ce": "cbp_jax learned + CE",
+    "torch-ce": "PyTorch learned + CE",
+    "torch-cbp-occl": "PyTorch CBP + OCCL",
+}
 MIT = {  # transformers SegformerConfig fields of each MiT variant
     "segformer_b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2]),
     "segformer_b1": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2]),
@@ -62,7 +81,10 @@ MIT = {  # transformers SegformerConfig fields of each MiT variant
 
 def jax_config(name: str, num_classes: int, *, cbp: bool, dtype: str = "float32", remat=False):
     c = common.base_config()
-    common.segformer_recipe(c, name)
+    if name in CONVNEXT:
+        common.upernet_convnext_recipe(c, name, drop_path=0.4)
+    else:
+        common.segformer_recipe(c, name)
     c.data.num_classes = num_classes
     c.model.dtype = dtype
     c.model.remat = remat
@@ -97,6 +119,8 @@ class JaxVariant:
         self.batch = jax.device_put(
             {"image": jnp.asarray(images), "label": jnp.asarray(labels)}, batch_sharding
         )
+        # Compiled ahead (jit's later calls reuse it) for the memory analysis.
+        self.memory_mb = compiled_memory_mb(self.step_fn.lower(self.state, self.batch).compile())
 
     def step(self):
         self.state, metrics = self.step_fn(self.state, self.batch)
@@ -114,10 +138,13 @@ def torch_occl(features, labels, prototypes, *, tau=0.07, lam=1.0, phi=0.1, igno
     b, c = features.shape[:2]
     n = prototypes.shape[0]
     flat = features.permute(0, 2, 3, 1).reshape(-1, c)
-    view = (torch.arange(b) >= b // 2).long()[:, None, None].expand_as(labels).reshape(-1)
+    dev = features.device
+    view = (
+        (torch.arange(b, device=dev) >= b // 2).long()[:, None, None].expand_as(labels).reshape(-1)
+    )
     lab = labels.reshape(-1)
     seg = torch.where(lab != ignore, view * n + lab, torch.full_like(lab, 2 * n))
-    sums = torch.zeros(2 * n + 1, c).index_add_(0, seg, flat)[: 2 * n].view(2, n, c)
+    sums = torch.zeros(2 * n + 1, c, device=dev).index_add_(0, seg, flat)[: 2 * n].view(2, n, c)
     counts = torch.bincount(seg, minlength=2 * n + 1)[: 2 * n].view(2, n).float()
     cent = sums / counts.clamp(min=1)[..., None]
     present = counts > 0
@@ -127,7 +154,7 @@ def torch_occl(features, labels, prototypes, *, tau=0.07, lam=1.0, phi=0.1, igno
     protos = F.normalize(prototypes, dim=-1)
     pos = (q[0] * q[1]).sum(-1) / tau
     neg = torch.einsum("xic,jc->xij", q, keys) / tau
-    mask = valid[None, :] & ~torch.eye(n, dtype=torch.bool)
+    mask = valid[None, :] & ~torch.eye(n, dtype=torch.bool, device=dev)
     neg = neg.masked_fill(~mask[None], float("-inf"))
     logits = torch.cat([pos.expand(2, n)[..., None], neg], -1)
     cnll = torch.logsumexp(logits, -1) - pos[None]
@@ -140,45 +167,102 @@ def torch_occl(features, labels, prototypes, *, tau=0.07, lam=1.0, phi=0.1, igno
     return lam * centroid + phi * category
 
 
-class TorchVariant:
-    """transformers SegFormer + AdamW; ``cbp=True`` swaps in frozen prototypes and OCCL."""
+def compiled_memory_mb(compiled) -> float:
+    """Peak estimate of a compiled step: arguments + temporaries + non-aliased outputs (MB)."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return float("nan")
+    out_extra = mem.output_size_in_bytes - mem.alias_size_in_bytes
+    return (mem.argument_size_in_bytes + mem.temp_size_in_bytes + out_extra) / 2**20
 
-    def __init__(self, name, num_classes, images, labels, *, cbp: bool):
+
+def torch_model(name: str, num_classes: int):
+    """transformers' SegFormer (256-wide head) or UperNet-ConvNeXt for ``name``."""
+    import transformers as T
+
+    if name in CONVNEXT:
+        dims = CONVNEXT[name]["hidden_sizes"]
+        backbone = T.ConvNextConfig(
+            **CONVNEXT[name],
+            drop_path_rate=0.4,
+            out_features=["stage1", "stage2", "stage3", "stage4"],
+        )
+        cfg = T.UperNetConfig(
+            backbone_config=backbone, num_labels=num_classes, auxiliary_in_channels=dims[2]
+        )
+        return T.UperNetForSemanticSegmentation(cfg)
+    cfg = T.SegformerConfig(num_labels=num_classes, decoder_hidden_size=256, **MIT[name])
+    return T.SegformerForSemanticSegmentation(cfg)
+
+
+class TorchVariant:
+    """transformers SegFormer/UperNet + AdamW; ``cbp=True`` swaps in frozen prototypes and
+    OCCL (SegFormer only). On a CUDA host it runs there, under bf16 autocast if asked."""
+
+    def __init__(self, name, num_classes, images, labels, *, cbp: bool, dtype="float32"):
         import torch
-        from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
         self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         torch.manual_seed(0)
-        cfg = SegformerConfig(num_labels=num_classes, decoder_hidden_size=256, **MIT[name])
-        self.model = SegformerForSemanticSegmentation(cfg)
+        self.model = torch_model(name, num_classes)
+        self.upernet = name in CONVNEXT
         self.cbp = cbp
         if cbp:
+            if self.upernet:
+                raise ValueError("the PyTorch CBP + OCCL variant is SegFormer only")
             w = torch.linalg.qr(torch.randn(256, num_classes))[0].T.contiguous()  # (N, 256)
             self.model.decode_head.classifier = _FrozenPrototypes(w)
+        self.model.to(self.device)
         self.opt = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=6e-5, weight_decay=0.01
         )
-        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-        self.labels = torch.from_numpy(labels.astype(np.int64))
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        self.images = torch.from_numpy(images).to(self.device)
+        self.labels = torch.from_numpy(labels.astype(np.int64)).to(self.device)
+        self.memory_mb = 0.0 if self.device == "cuda" else float("nan")
+
+    def _autocast(self):
+        return self.torch.autocast(
+            self.device, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        )
+
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
 
     def step(self):
-        F = self.torch.nn.functional
+        torch, F = self.torch, self.torch.nn.functional
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         self.model.train()
-        logits = self.model(pixel_values=self.images).logits
-        up = F.interpolate(logits, size=self.labels.shape[1:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(up, self.labels, ignore_index=255)
-        if self.cbp:
-            head = self.model.decode_head.classifier
-            small = F.interpolate(self.labels[:, None].float(), size=logits.shape[2:])
-            loss = loss + torch_occl(head.features, small[:, 0].long(), head.w)
+        with self._autocast():
+            if self.upernet:  # transformers computes CE + 0.4 x auxiliary CE itself
+                loss = self.model(pixel_values=self.images, labels=self.labels).loss
+            else:
+                logits = self.model(pixel_values=self.images).logits
+                up = F.interpolate(
+                    logits, size=self.labels.shape[1:], mode="bilinear", align_corners=False
+                )
+                loss = F.cross_entropy(up.float(), self.labels, ignore_index=255)
+                if self.cbp:
+                    head = self.model.decode_head.classifier
+                    small = F.interpolate(self.labels[:, None].float(), size=logits.shape[2:])
+                    feats = head.features.float()
+                    loss = loss + torch_occl(feats, small[:, 0].long(), head.w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        self._sync()
+        if self.device == "cuda":
+            self.memory_mb = max(self.memory_mb, torch.cuda.max_memory_allocated() / 2**20)
 
     def infer(self):
         self.model.eval()
-        with self.torch.inference_mode():
+        with self.torch.inference_mode(), self._autocast():
             self.model(pixel_values=self.images)
+        self._sync()
 
 
 def _FrozenPrototypes(w):  # noqa: N802 (a class factory keeps torch out of module import)
@@ -263,14 +347,16 @@ def profile_jax_step(variant: JaxVariant, top: int = 25) -> None:
         print(f"| {name} | `{shape.split('{')[0]}` | {ms:.1f} | `{op[-70:]}` |")
 
 
-def memory_report(name, batch, size, num_classes, dtypes=("float32", "bfloat16")):
+def memory_report(
+    name, batch, size, num_classes, dtypes=("float32", "bfloat16"), remats=(False, True)
+):
     """XLA's compiled memory analysis of the train step (no run)."""
     print(f"\n{name}, batch {batch}, {size}x{size}: compiled train step memory (XLA analysis)\n")
     print("| compute dtype | remat | arguments (MB) | temporaries (MB) | peak est. (MB) |")
     print("|---|---|---|---|---|")
     images, labels = batch_arrays(batch, size, num_classes)
     for dtype in dtypes:
-        for remat in (False, True):
+        for remat in remats:
             config = jax_config(name, num_classes, cbp=True, dtype=dtype, remat=remat)
             abstract = nnx.eval_shape(lambda config=config: model_from_config(config))
             graphdef, params, _ = train_lib.split_model(abstract)
@@ -299,75 +385,90 @@ def memory_report(name, batch, size, num_classes, dtypes=("float32", "bfloat16")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="B0, batch 8, 256x256, few steps")
-    ap.add_argument("--model", default="segformer_b0", choices=sorted(MIT))
+    ap.add_argument("--model", default="segformer_b0", choices=sorted(MIT) + sorted(CONVNEXT))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--num-classes", type=int, default=11)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--steps", type=int, default=10, help="timed rounds per variant")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     ap.add_argument("--profile", action="store_true", help="op-level profile of the jax step")
     ap.add_argument("--no-torch", action="store_true", help="cbp_jax rows only")
     ap.add_argument("--memory", action="store_true", help="B5 batch 2 512x512 memory only")
     ap.add_argument("--memory-dtypes", default="float32,bfloat16", help="for --memory")
+    ap.add_argument("--memory-no-remat", action="store_true", help="for --memory: skip remat")
     ap.add_argument("--one-device", action="store_true", help="one CPU device for all cores")
     args = ap.parse_args()
     if args.quick:
         args.model, args.batch, args.size, args.steps = "segformer_b0", 8, 256, 6
     if args.memory:
-        memory_report("segformer_b5", 2, 512, 150, tuple(args.memory_dtypes.split(",")))
+        remats = (False,) if args.memory_no_remat else (False, True)
+        memory_report("segformer_b5", 2, 512, 150, tuple(args.memory_dtypes.split(",")), remats)
         return
+    chosen = [VARIANTS[k] for k in args.variants.split(",")]
+    if args.no_torch:
+        chosen = [k for k in chosen if k.startswith("cbp_jax")]
 
     import torch
 
     threads = torch.get_num_threads()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
     print(
-        f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices), "
-        f"torch {torch.__version__} ({threads} threads), {os.cpu_count()} cores; "
-        f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.num_classes} "
-        "classes, float32"
+        f"jax {jax.__version__} ({jax.default_backend()}: {jax.devices()[0].device_kind}, "
+        f"{jax.device_count()} devices), torch {torch.__version__} ({threads} threads, {gpu}), "
+        f"{os.cpu_count()} cores; {args.model}, batch {args.batch}, {args.size}x{args.size}, "
+        f"{args.num_classes} classes, {args.dtype}",
+        flush=True,
     )
     images, labels = batch_arrays(args.batch, args.size, args.num_classes)
-    variants = {
-        "cbp_jax CBP + OCCL": JaxVariant(
-            jax_config(args.model, args.num_classes, cbp=True), images, labels
-        ),
-        "cbp_jax learned + CE": JaxVariant(
-            jax_config(args.model, args.num_classes, cbp=False), images, labels
-        ),
-    }
-    if not args.no_torch:
-        variants["PyTorch learned + CE"] = TorchVariant(
-            args.model, args.num_classes, images, labels, cbp=False
-        )
-        variants["PyTorch CBP + OCCL"] = TorchVariant(
-            args.model, args.num_classes, images, labels, cbp=True
-        )
+    variants = {}
+    for key in chosen:
+        t = time.perf_counter()
+        if key.startswith("cbp_jax"):
+            config = jax_config(args.model, args.num_classes, cbp="CBP" in key, dtype=args.dtype)
+            variants[key] = JaxVariant(config, images, labels)
+        else:
+            variants[key] = TorchVariant(
+                args.model, args.num_classes, images, labels, cbp="CBP" in key, dtype=args.dtype
+            )
+        print(f"{key}: built and compiled in {time.perf_counter() - t:.0f} s", flush=True)
     t0 = time.perf_counter()
     train = round_robin(variants, "step", args.warmup, args.steps)
     print(f"\nTrain step ({args.steps} rounds after {args.warmup} warm-up):\n")
-    print("| variant | median (s) | min-max (s) | images/s |\n|---|---|---|---|")
+    print("| variant | median (s) | min-max (s) | images/s | memory (MB) |\n|---|---|---|---|---|")
     for k, ts in train.items():
-        print(_row(k, ts, args.batch))
-    infer_variants = {k: v for k, v in variants.items() if "CBP" in k}
+        mb = variants[k].memory_mb
+        print(f"{_row(k, ts, args.batch)} {'-' if np.isnan(mb) else f'{mb:.0f}'} |")
+    infer_variants = {k: v for k, v in variants.items() if "CBP" in k or "PyTorch" in k}
+    infer_variants = {  # one row per library: CBP + OCCL where timed, else the learned one
+        k: v
+        for k, v in infer_variants.items()
+        if "CBP" in k or k.replace("learned + CE", "CBP + OCCL") not in infer_variants
+    }
     infer = round_robin(infer_variants, "infer", 2, max(args.steps, 5))
     print("\nInference, eval-mode forward:\n")
     print("| variant | median (s) | min-max (s) | images/s |\n|---|---|---|---|")
     for k, ts in infer.items():
         print(_row(k, ts, args.batch))
     med = {k: statistics.median(ts) for k, ts in train.items()}
-    overhead = med["cbp_jax CBP + OCCL"] / med["cbp_jax learned + CE"] - 1
-    print(f"\ncbp_jax CBP + OCCL overhead over learned + CE: {100 * overhead:+.1f} %")
-    if not args.no_torch:
+    inf = {k: statistics.median(ts) for k, ts in infer.items()}
+    if {"cbp_jax CBP + OCCL", "cbp_jax learned + CE"} <= med.keys():
+        overhead = med["cbp_jax CBP + OCCL"] / med["cbp_jax learned + CE"] - 1
+        print(f"\ncbp_jax CBP + OCCL overhead over learned + CE: {100 * overhead:+.1f} %")
+    if {"PyTorch CBP + OCCL", "PyTorch learned + CE"} <= med.keys():
         t_over = med["PyTorch CBP + OCCL"] / med["PyTorch learned + CE"] - 1
         print(f"PyTorch CBP + OCCL overhead over learned + CE: {100 * t_over:+.1f} %")
-        inf = {k: statistics.median(ts) for k, ts in infer.items()}
-        ratio = inf["PyTorch CBP + OCCL"] / inf["cbp_jax CBP + OCCL"]
-        print(f"inference speedup_vs_pytorch: {ratio:.2f}")
+    jax_inf = [v for k, v in inf.items() if k.startswith("cbp_jax")]
+    torch_inf = [v for k, v in inf.items() if k.startswith("PyTorch")]
+    if jax_inf and torch_inf:
+        print(f"inference speedup_vs_pytorch: {torch_inf[0] / jax_inf[0]:.2f}")
     print(f"(timed part: {time.perf_counter() - t0:.0f} s)")
     if args.profile:
         profile_jax_step(variants["cbp_jax CBP + OCCL"])
-    if not args.no_torch:
-        speedup = med["PyTorch learned + CE"] / med["cbp_jax CBP + OCCL"]
+    jax_key = next((k for k in med if k.startswith("cbp_jax")), None)
+    if jax_key and "PyTorch learned + CE" in med:
+        speedup = med["PyTorch learned + CE"] / med[jax_key]
         print(f"speedup_vs_pytorch: {speedup:.2f}")
 
 
