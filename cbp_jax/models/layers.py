@@ -123,8 +123,9 @@ def _shifted_depthwise_fwd(x, taps, padding):
 def _shifted_depthwise_bwd(padding, residuals, g):
     """Input grad: the same shifted sum over the padded cotangent with flipped taps (one fused
     loop, where autodiff of the forward materializes k*k padded copies). Tap grads: one
-    variadic reduction for all k*k taps (XLA:CPU: 23 ms against 53 ms for k*k separate
-    reductions over (8, 64, 64, 128), k = 3)."""
+    variadic reduction for all k*k taps over (B, H), keeping (W, C) contiguous, then a sum
+    over W (XLA:CPU, (4, 64, 64, 128), k = 3: 19-28 ms against 51-54 ms reducing over
+    (B, H, W) at once, which was itself 2x faster than k*k separate reductions)."""
     x, taps = residuals
     k = taps.shape[0]
     h, w = g.shape[1], g.shape[2]
@@ -135,8 +136,8 @@ def _shifted_depthwise_bwd(padding, residuals, g):
         (xp[:, i : i + h, j : j + w, :] * g).astype(acc_dtype) for i in range(k) for j in range(k)
     ]
     zeros = [jnp.zeros((), acc_dtype)] * len(products)
-    sums = jax.lax.reduce(products, zeros, _add_pairs, (0, 1, 2))
-    dtaps = jnp.stack(sums).reshape(taps.shape).astype(taps.dtype)
+    sums = jax.lax.reduce(products, zeros, _add_pairs, (0, 1))  # k*k x (W, C)
+    dtaps = jnp.stack(sums).sum(1).reshape(taps.shape).astype(taps.dtype)
     return gx, dtaps
 
 
