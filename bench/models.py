@@ -4,6 +4,7 @@
     python bench/models.py --models segformer_b0 --size 256 --repeats 3
     python bench/models.py --dwconv              # 'xla' vs 'shifted' depthwise convs only
     python bench/models.py --formulations --dtype bfloat16   # + 1x1 and patchify convs
+    python bench/models.py --resize              # bilinear resize: dense matrices vs ours
 
 FLOPs come from XLA's cost analysis of the jitted eval forward (batch 1); XLA counts a
 multiply-add as 2 FLOPs, while the paper's "GFLOPs" (mmcv) count multiply-adds, so the
@@ -147,6 +148,49 @@ def bench_dense_convs(repeats, dtype=jnp.float32, cases=DENSE_CASES):
         )
 
 
+def _dense_resize(x, size, axes):
+    """The resize as two dense (n_out, n_in) matrix products (the form before 2026-11-26)."""
+    for axis, n_out in zip(axes, size, strict=True):
+        m = jnp.asarray(layers._bilinear_matrix(x.shape[axis], n_out), x.dtype)
+        x = jnp.moveaxis(jnp.tensordot(m, x, axes=(1, axis)), 0, axis)
+    return x
+
+
+RESIZE_CASES = (  # (input, size, axes, with gradient)
+    ((8, 11, 64, 64), (256, 256), (2, 3), True),  # CamVid training logits, channels-first
+    ((2, 150, 128, 128), (512, 512), (2, 3), True),  # ADE20K training logits
+    ((1, 128, 171, 150), (512, 683), (1, 2), False),  # ADE20K eval: logits -> test size
+    ((1, 512, 683, 150), (375, 500), (1, 2), False),  # ... -> original size
+    ((1, 512, 800, 150), (730, 1140), (1, 2), False),
+)
+
+
+def bench_resize(repeats, cases=RESIZE_CASES):
+    """``layers.resize_bilinear`` against the dense-matrix form, float32."""
+    print("| input -> size | pass | dense matrices (ms) | ours (ms) | max abs diff |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for shape, size, axes, grad in cases:
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        res = {}
+        for name, fn in (("dense", _dense_resize), ("ours", layers.resize_bilinear)):
+
+            def resized(x, fn=fn, size=size, axes=axes):
+                return fn(x, size, axes=axes)
+
+            if grad:
+                f = jax.jit(jax.grad(lambda x, resized=resized: jnp.sum(resized(x) ** 2)))
+            else:
+                f = jax.jit(resized)
+            res[name] = (_median_time(f, x, repeats=repeats), f(x))
+        print(
+            f"| {shape} -> {size} | {'fwd+bwd' if grad else 'fwd'} | "
+            f"{res['dense'][0] * 1e3:.0f} | {res['ours'][0] * 1e3:.0f} | "
+            f"{_diff(res['dense'][1], res['ours'][1]):.1e} |",
+            flush=True,
+        )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(models.SEGMENTORS))
@@ -159,9 +203,13 @@ def main():
         "--formulations", action="store_true", help="depthwise, 1x1 and patchify conv forms"
     )
     ap.add_argument("--dtype", default="float32", help="for --dwconv / --formulations")
+    ap.add_argument("--resize", action="store_true", help="only the bilinear-resize comparison")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
     dtype = jnp.dtype(args.dtype)
+    if args.resize:
+        bench_resize(max(args.repeats, 1))
+        return
     if args.dwconv or args.formulations:
         bench_dwconv(max(args.repeats, 1), dtype)
     if args.formulations:

@@ -6,6 +6,8 @@ independent rename tables below), converted with ``load_pretrained`` and must re
 PyTorch's outputs in float32.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -397,13 +399,27 @@ def test_upernet_logits_and_aux(tmp_path, aux_convs, concat):
 # ----------------------------------------------------------------------------- pure layers
 
 
-@pytest.mark.parametrize(("hw", "size"), [((5, 7), (16, 9)), ((16, 12), (5, 7)), ((4, 4), (4, 4))])
+RESIZES = [  # integer upsampling (shifted slices), any other size (gathers), mixed, identity
+    ((5, 7), (20, 14)),
+    ((1, 3), (4, 24)),
+    ((5, 7), (16, 9)),
+    ((16, 12), (5, 7)),
+    ((6, 5), (12, 8)),
+    ((4, 4), (4, 4)),
+]
+
+
+@pytest.mark.parametrize(("hw", "size"), RESIZES)
 def test_resize_bilinear_matches_torch(hw, size):
     x = np.random.default_rng(0).normal(size=(2, *hw, 3)).astype(np.float32)
-    ref = F.interpolate(
-        torch.from_numpy(x).permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False
-    )
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    ref = F.interpolate(xt, size=size, mode="bilinear", align_corners=False)
     _close(layers.resize_bilinear(x, size), nhwc(ref), 1e-5)
+    # Gradients too: the shifted-slice and gather forms have their own backward passes.
+    g = np.random.default_rng(1).normal(size=(2, *size, 3)).astype(np.float32)
+    ref.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    _, vjp = jax.vjp(lambda a: layers.resize_bilinear(a, size), jnp.asarray(x))
+    _close(vjp(jnp.asarray(g))[0], nhwc(xt.grad), 1e-5)
 
 
 @pytest.mark.parametrize(("hw", "s"), [((7, 5), 3), ((2, 3), 6), ((16, 16), 6), ((5, 5), 1)])
