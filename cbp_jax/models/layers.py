@@ -78,13 +78,20 @@ def resize_bilinear(
     (B, C, H, W) with ``axes=(2, 3)``.
 
     No antialiasing (``jax.image.resize`` antialiases when downsampling; PyTorch does not).
-    Each axis is resized by gathering its two source rows (``_resize_axis``): the dense
-    (n_out, n_in) matrix products this replaced cost seconds per ADE20K-sized image at 150
-    classes in evaluation (docs/benchmarks.md).
+    Each non-minor axis is resized by gathering its two source rows (``_resize_axis``), in
+    work linear in the output: the dense (n_out, n_in) matrix products this replaced cost
+    seconds per ADE20K-sized image at 150 classes in evaluation. The minor axis (W of
+    channels-first logits) stays a product with the resize matrix: XLA:CPU's gather along
+    it made the 150-class 512x512 train step 1.6x slower (docs/benchmarks.md).
     """
     for axis, n_out in zip((a % x.ndim for a in axes), size, strict=True):
-        if int(n_out) != x.shape[axis]:
-            x = _resize_axis(x, int(n_out), axis)
+        n_out, n_in = int(n_out), x.shape[axis]
+        if n_out == n_in:
+            continue
+        if axis < x.ndim - 1:
+            x = _resize_axis(x, n_out, axis)
+        else:  # the minor axis: XLA:CPU gathers along it element by element; a matmul
+            x = x @ jnp.asarray(_bilinear_matrix(n_in, n_out).T, x.dtype)
     return x
 
 
