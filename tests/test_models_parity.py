@@ -420,6 +420,11 @@ def test_resize_bilinear_matches_torch(hw, size):
     ref.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
     _, vjp = jax.vjp(lambda a: layers.resize_bilinear(a, size), jnp.asarray(x))
     _close(vjp(jnp.asarray(g))[0], nhwc(xt.grad), 1e-5)
+    # Channels-first (the CE's logits): W is the minor axis, resized as a matrix product.
+    nchw = jnp.asarray(x.transpose(0, 3, 1, 2))
+    y, vjp = jax.vjp(lambda a: layers.resize_bilinear(a, size, axes=(2, 3)), nchw)
+    _close(y, ref.detach().numpy(), 1e-5)
+    _close(vjp(jnp.asarray(g.transpose(0, 3, 1, 2)))[0], xt.grad.numpy(), 1e-5)
 
 
 @pytest.mark.parametrize(("hw", "s"), [((7, 5), 3), ((2, 3), 6), ((16, 16), 6), ((5, 5), 1)])
