@@ -18,7 +18,6 @@ square, 35 % any aspect ratio in [0.5, 2.0].
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import cv2  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cbp_jax import eval_lib, inference, trainer  # noqa: E402
+from cbp_jax import config_checks, eval_lib, inference, trainer  # noqa: E402
 
 
 def ade20k_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -71,21 +70,14 @@ def write_ade20k_validation(root: str, sizes: list[tuple[int, int]], seed: int =
     return base
 
 
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/ade20k_mit_b0.py")
+    p.add_argument("--config", default="configs/ade20k_mit_b0.py", help="FILE[:ARG]")
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--passes", type=int, default=2)
     a = p.parse_args()
     sizes = ade20k_sizes(a.images)
-    config = load_config(a.config)
+    config = config_checks.load_config_file(a.config)
     scale = tuple(config.data.test_scale)
     test_sizes = {tuple((inference.eval_resize_sizes(hw, scale=scale) or [hw])[-1]) for hw in sizes}
     with tempfile.TemporaryDirectory() as tmp:

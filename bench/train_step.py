@@ -440,12 +440,12 @@ def main():
     for k, ts in train.items():
         mb = variants[k].memory_mb
         print(f"{_row(k, ts, args.batch)} {'-' if np.isnan(mb) else f'{mb:.0f}'} |")
-    infer_variants = {k: v for k, v in variants.items() if "CBP" in k or "PyTorch" in k}
-    infer_variants = {  # one row per library: CBP + OCCL where timed, else the learned one
-        k: v
-        for k, v in infer_variants.items()
-        if "CBP" in k or k.replace("learned + CE", "CBP + OCCL") not in infer_variants
-    }
+    infer_variants = {}  # one row per library: CBP + OCCL where timed, else the learned one
+    for library in ("cbp_jax", "PyTorch"):
+        keys = [k for k in variants if k.startswith(library)]
+        key = next((k for k in keys if "CBP" in k), keys[0] if keys else None)
+        if key:
+            infer_variants[key] = variants[key]
     infer = round_robin(infer_variants, "infer", 2, max(args.steps, 5))
     print("\nInference, eval-mode forward:\n")
     print("| variant | median (s) | min-max (s) | images/s |\n|---|---|---|---|")

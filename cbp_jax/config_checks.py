@@ -179,8 +179,13 @@ def _config_named_in(argv: list[str], default: str) -> ml_collections.ConfigDict
             spec = argv[i + 1]
         elif arg.startswith("--config="):
             spec = arg.split("=", 1)[1]
+    return load_config_file(spec)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of ``FILE[:ARG]`` (as ``--config`` takes it): ``FILE``'s ``get_config(ARG)``."""
     path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_config_for_message", path)
+    module_spec = importlib.util.spec_from_file_location("_config_file", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(variant or None)

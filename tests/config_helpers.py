@@ -1,4 +1,4 @@
-"""Loading the experiment configs in tests (not a test module)."""
+"""Loading the experiment configs and the bench scripts in tests (not a test module)."""
 
 import importlib.util
 import os
@@ -6,10 +6,18 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name: str, arg: str | None = "smoke"):
-    """``configs/<name>.py``'s ``get_config(arg)``."""
-    path = os.path.join(ROOT, "configs", f"{name}.py")
+def _load_module(name: str, path: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
+
+
+def load_config(name: str, arg: str | None = "smoke"):
+    """``configs/<name>.py``'s ``get_config(arg)``."""
+    return _load_module(name, os.path.join(ROOT, "configs", f"{name}.py")).get_config(arg)
+
+
+def load_bench(name: str):
+    """The script ``bench/<name>.py`` as a module (bench/ is not a package)."""
+    return _load_module(name, os.path.join(ROOT, "bench", f"{name}.py"))

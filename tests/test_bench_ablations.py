@@ -1,16 +1,10 @@
 """bench/camvid_ablations.py: the sweep's run list and its resumable results file."""
 
-import importlib.util
 import json
-import os
 
-from config_helpers import ROOT, load_config
+from config_helpers import load_bench, load_config
 
-_spec = importlib.util.spec_from_file_location(
-    "camvid_ablations", os.path.join(ROOT, "bench", "camvid_ablations.py")
-)
-ablations = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ablations)
+ablations = load_bench("camvid_ablations")
 
 
 def test_runs_have_unique_names_and_override_existing_config_fields():

@@ -1,23 +1,11 @@
 """bench/ade_eval.py: ADE20K-sized validation images in the exact ADE20K layout."""
 
-import importlib.util
-import os
-
 import numpy as np
-from config_helpers import ROOT, load_config
+from config_helpers import load_bench, load_config
 
 from cbp_jax import inference, trainer
 
-
-def _load_bench():
-    path = os.path.join(ROOT, "bench", "ade_eval.py")
-    spec = importlib.util.spec_from_file_location("ade_eval", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench("ade_eval")
 
 
 def test_sizes_follow_the_stated_spread():

@@ -1,6 +1,5 @@
 """bench/camvid_pytorch_baseline.py: the learned baseline's recipe trained in PyTorch."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,22 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from config_helpers import ROOT, load_config
+from config_helpers import load_bench, load_config
 from data_helpers import write_image
 from flax import nnx
 
 from cbp_jax import train_lib, trainer
 
-
-def _load_bench():
-    path = os.path.join(ROOT, "bench", "camvid_pytorch_baseline.py")
-    spec = importlib.util.spec_from_file_location("camvid_pytorch_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench("camvid_pytorch_baseline")
 
 
 def make_camvid(root: str, n_train: int = 4, n_val: int = 2, seed: int = 0) -> str:
