@@ -104,7 +104,7 @@ class CBPClassifier(nnx.Module):
             w = jax.lax.stop_gradient(w)
         if self.normalize_features:
             features = losses.l2_normalize(features, eps=1e-6)
-        return jnp.einsum("...c,nc->...n", features, w.astype(features.dtype))
+        return _matmul_flat(features, w.astype(features.dtype).T)
 
     def class_weights(self) -> jax.Array:
         """The prototypes as an ``(N, C)`` array."""
@@ -134,6 +134,12 @@ class CBPClassifier(nnx.Module):
             self.prototypes[...] = cbp.equalize_rows(self.prototypes[...], self.length)
 
 
+def _matmul_flat(features: jax.Array, w: jax.Array) -> jax.Array:
+    """(..., C) @ (C, N) -> (..., N) as one 2-D matmul: the weight gradient then contracts a
+    single axis, where contracting (B, H, W) made XLA:CPU copy a transposed cotangent first."""
+    return (features.reshape(-1, features.shape[-1]) @ w).reshape(*features.shape[:-1], -1)
+
+
 class LinearClassifier(nnx.Module):
     """Learned 1x1 classifier with bias (the paper's baselines): ``(..., C) -> (..., N)``.
 
@@ -151,7 +157,8 @@ class LinearClassifier(nnx.Module):
         self.num_classes, self.dim, self.update = num_classes, dim, "learned"
 
     def __call__(self, features: jax.Array) -> jax.Array:
-        return self.linear(features)
+        logits = self.linear(features.reshape(-1, features.shape[-1]))  # see _matmul_flat
+        return logits.reshape(*features.shape[:-1], self.num_classes)
 
     def orthogonality_loss(self) -> jax.Array:
         """No penalty for a learned classifier: 0 (kept for a common interface)."""
