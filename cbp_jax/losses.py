@@ -5,6 +5,7 @@ over devices (the centroid sums are ``segment_sum`` reductions, made global by X
 Exact reading: ``docs/method.md`` section 2 (Eqs. 3-6 of the paper).
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -58,14 +59,70 @@ def pixel_cross_entropy(
         raise ValueError(f"average={average!r} is not one of {CE_AVERAGES}.")
     _require_integer_labels(labels)
     valid = labels != ignore_index
-    logits = logits.astype(jnp.float32)
-    # log-softmax at the label: shift by the (constant) max, then logsumexp - picked logit.
-    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
-    classes = jax.lax.broadcasted_iota(jnp.int32, shifted.shape, axis)
-    picked = jnp.sum(jnp.where(classes == jnp.expand_dims(labels, axis), shifted, 0.0), axis)
-    nll = jnp.log(jnp.sum(jnp.exp(shifted), axis=axis)) - picked
+    nll = pixel_nll(logits.astype(jnp.float32), labels, axis)
     count = jnp.sum(valid) if average == "labelled" else valid.size
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pixel_nll(logits: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
+    """-log softmax(logits)[label] per pixel, the classes on ``axis`` (non-negative):
+    ``logits`` without that axis. Labels outside [0, N) pick no logit (their gradient,
+    if any, is the softmax alone); mask them out of the sum.
+
+    The backward pass is one element-wise map, ``g * (softmax - onehot)``. The class sums
+    of the forward pass follow the layout: where the classes are not the minor axis of a
+    CPU array (the channels-first logits of ``upsampled_cross_entropy``) they are folded
+    in slice by slice, since XLA:CPU hands a reduction over a non-minor axis to YNNPACK,
+    which took 411 ms for the logsumexp of (1, 150, 512, 512) against 147 ms as slices
+    (docs/benchmarks.md); elsewhere they are plain reductions.
+    """
+    return _pixel_nll_fwd(logits, labels, axis)[0]
+
+
+def _pixel_nll_fwd(logits, labels, axis):
+    labels = labels.astype(jnp.int32)
+    if jax.default_backend() == "cpu" and axis != logits.ndim - 1:
+        lse, picked = _lse_and_pick_by_slices(logits, labels, axis)
+    else:
+        top = jnp.max(logits, axis=axis, keepdims=True)
+        lse = jnp.squeeze(top, axis) + jnp.log(jnp.sum(jnp.exp(logits - top), axis=axis))
+        picked = jnp.sum(jnp.where(_onehot(labels, logits.shape, axis), logits, 0.0), axis=axis)
+    return lse - picked, (logits, labels, lse)
+
+
+def _onehot(labels, shape, axis):
+    classes = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+    return classes == jnp.expand_dims(labels, axis)
+
+
+def _pixel_nll_bwd(axis, residuals, g):
+    logits, labels, lse = residuals
+    onehot = _onehot(labels, logits.shape, axis).astype(logits.dtype)
+    softmax = jnp.exp(logits - jnp.expand_dims(lse, axis))
+    return jnp.expand_dims(g, axis) * (softmax - onehot), None
+
+
+pixel_nll.defvjp(_pixel_nll_fwd, _pixel_nll_bwd)
+
+
+def _lse_and_pick_by_slices(logits, labels, axis):
+    """(logsumexp over ``axis``, the logit at ``labels``), reading one class slice at a time."""
+    n = logits.shape[axis]
+
+    def slice_at(c):
+        return jax.lax.dynamic_index_in_dim(logits, c, axis, keepdims=False)
+
+    top = jax.lax.fori_loop(1, n, lambda c, m: jnp.maximum(m, slice_at(c)), slice_at(0))
+
+    def add_class(c, carry):
+        total, picked = carry
+        z = slice_at(c)
+        return total + jnp.exp(z - top), jnp.where(labels == c, z, picked)
+
+    zeros = jnp.zeros_like(top)
+    total, picked = jax.lax.fori_loop(0, n, add_class, (zeros, zeros))
+    return top + jnp.log(total), picked
 
 
 def view_assignment(

@@ -292,3 +292,33 @@ def test_nearest_downsample_matches_torch_rule():
         np.floor(np.arange(5) * 12 / 5).astype(int),
     )
     np.testing.assert_array_equal(got, np.asarray(labels)[:, rows][:, :, cols])
+
+
+@pytest.mark.parametrize("axis", [1, 3])
+def test_pixel_nll_values_and_grads_equal_log_softmax(axis):
+    """Both forms of the class sums (slices for non-minor class axes on CPU, reductions for
+    the minor one) against autodiff of ``jax.nn.log_softmax``; ignored labels included."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(0, 4, size=(2, 5, 7, 6)).astype(np.float32))
+    logits = jnp.moveaxis(logits, 3, axis)  # 6 classes on ``axis``
+    labels = rng.integers(0, 6, size=(2, 5, 7)).astype(np.int32)
+    labels[0, 0, :3] = 255
+    labels = jnp.asarray(labels)
+    weights = jnp.asarray(rng.random(labels.shape).astype(np.float32) * (labels != 255))
+
+    def reference(z):
+        logp = jnp.moveaxis(jax.nn.log_softmax(z, axis=axis), axis, -1)
+        onehot = jax.nn.one_hot(labels, 6)  # all-zero for 255
+        return jnp.sum(weights * -jnp.sum(logp * onehot, -1))
+
+    def ours(z):
+        return jnp.sum(weights * losses.pixel_nll(z, labels, axis))
+
+    np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.grad(ours)(logits), jax.grad(reference)(logits), rtol=1e-5, atol=1e-6
+    )
+    lse, picked = losses._lse_and_pick_by_slices(logits, labels, axis)
+    np.testing.assert_allclose(lse, jax.nn.logsumexp(logits, axis=axis), rtol=1e-6)
+    taken = jnp.take_along_axis(logits, jnp.expand_dims(jnp.minimum(labels, 5), axis), axis)
+    np.testing.assert_array_equal(picked, jnp.where(labels < 6, jnp.squeeze(taken, axis), 0.0))
