@@ -400,3 +400,23 @@ def test_fcn_segmentor_output_stride_8_and_heads():
     out = _call(model, jnp.zeros((2, 64, 64, 3)), True)
     assert out["logits"].shape == (2, 8, 8, 5) and out["features"].shape == (2, 8, 8, 16)
     assert out["aux_logits"].shape == (2, 8, 8, 5)
+
+
+def test_linear_is_nnx_linear_as_one_flat_matmul():
+    """``layers.linear`` (``nnx.Linear`` through ``layers.dense``): the same values and
+    gradients as ``nnx.Linear``'s own ``dot_general`` on a 4-D input."""
+    ours = layers.linear(16, 24, None, nnx.Rngs(0))
+    plain = nnx.Linear(16, 24, rngs=nnx.Rngs(1))
+    plain.kernel[...], plain.bias[...] = ours.kernel[...], jnp.linspace(-1, 1, 24)
+    ours.bias[...] = plain.bias[...]
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7, 16)).astype(np.float32))
+
+    def loss(module, x):
+        return jnp.sum(jnp.sin(module(x)))
+
+    np.testing.assert_allclose(ours(x), plain(x), rtol=1e-5, atol=1e-6)
+    g_ours = nnx.grad(loss, argnums=(0, 1))(ours, x)
+    g_plain = nnx.grad(loss, argnums=(0, 1))(plain, x)
+    np.testing.assert_allclose(g_ours[0].kernel[...], g_plain[0].kernel[...], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_ours[0].bias[...], g_plain[0].bias[...], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_ours[1], g_plain[1], rtol=1e-5, atol=1e-6)
