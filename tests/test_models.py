@@ -420,3 +420,86 @@ def test_linear_is_nnx_linear_as_one_flat_matmul():
     np.testing.assert_allclose(g_ours[0].kernel[...], g_plain[0].kernel[...], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g_ours[0].bias[...], g_plain[0].bias[...], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g_ours[1], g_plain[1], rtol=1e-5, atol=1e-6)
+
+
+def _residual_bytes(fn, *args) -> int:
+    """Bytes of the arrays ``jax.vjp`` keeps for the backward pass of ``fn`` at ``args``."""
+    _, backward = jax.vjp(fn, *args)
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(backward) if leaf.ndim > 0)
+
+
+def test_gelu_equals_exact_gelu_and_keeps_only_its_input():
+    """``layers.gelu``: jax.nn.gelu(approximate=False)'s values and gradients, with one map
+    of the input's size kept for the backward pass where autodiff keeps three."""
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 3, size=(4, 33, 17)).astype(np.float32))
+
+    def exact(x):
+        return jax.nn.gelu(x, approximate=False)
+
+    np.testing.assert_array_equal(layers.gelu(x), exact(x))
+    cotangent = jnp.cos(x)
+    g_ours = jax.vjp(layers.gelu, x)[1](cotangent)[0]
+    g_auto = jax.vjp(exact, x)[1](cotangent)[0]
+    np.testing.assert_allclose(g_ours, g_auto, rtol=1e-5, atol=1e-6)
+    assert _residual_bytes(layers.gelu, x) == x.nbytes
+    assert _residual_bytes(exact, x) >= 3 * x.nbytes
+    bf16 = x.astype(jnp.bfloat16)
+    g_bf16 = jax.vjp(layers.gelu, bf16)[1](cotangent.astype(jnp.bfloat16))[0]
+    assert g_bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g_bf16.astype(jnp.float32), g_auto, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_layer_norm_equals_nnx_layer_norm_and_keeps_one_map(dtype):
+    """``layers.layer_norm``: nnx.LayerNorm's values, gradients (input, scale, bias) and
+    state, keeping the input and per-row statistics for the backward pass."""
+    rng = np.random.default_rng(1)
+    ours = layers.layer_norm(16, 1e-6, dtype, nnx.Rngs(0))
+    plain = nnx.LayerNorm(16, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    scale, bias = (jnp.asarray(rng.normal(size=16).astype(np.float32)) for _ in range(2))
+    for module in (ours, plain):
+        module.scale[...], module.bias[...] = scale, bias
+    assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(plain))
+    x = jnp.asarray(rng.normal(3, 2, size=(2, 5, 7, 16)).astype(np.float32))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype is None else dict(rtol=3e-2, atol=3e-2)
+
+    def loss(module, x):
+        return jnp.sum(jnp.sin(module(x).astype(jnp.float32)))
+
+    y_ours, y_plain = ours(x), plain(x)
+    assert y_ours.dtype == y_plain.dtype
+    np.testing.assert_allclose(y_ours.astype(np.float32), y_plain.astype(np.float32), **tol)
+    g_ours = nnx.grad(loss, argnums=(0, 1))(ours, x)
+    g_plain = nnx.grad(loss, argnums=(0, 1))(plain, x)
+    for name in ("scale", "bias"):
+        a, b = getattr(g_ours[0], name)[...], getattr(g_plain[0], name)[...]
+        np.testing.assert_allclose(a, b, **(tol | dict(atol=tol["atol"] * 10)))
+    np.testing.assert_allclose(g_ours[1], g_plain[1], **tol)
+    if dtype is None:
+        kept = _residual_bytes(lambda x: ours(x), x)
+        assert x.nbytes <= kept <= x.nbytes + 2 * x.nbytes // 16 + 16 * 4
+        assert _residual_bytes(lambda x: plain(x), x) >= 2 * x.nbytes
+
+
+@pytest.mark.parametrize("axis", [-1, (-2, -1)])
+def test_softmax_equals_jax_softmax_and_keeps_only_its_output(axis):
+    """``layers.softmax``: jax.nn.softmax's values and gradients. In attention (softmax, then
+    a product with the values) its backward pass keeps one map of the scores' size, the
+    output; autodiff of jax.nn.softmax keeps the exponentials too."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(0, 4, size=(2, 3, 6, 5)).astype(np.float32))
+    v = jnp.asarray(rng.normal(size=(2, 3, 6, 5, 4)).astype(np.float32))
+    np.testing.assert_array_equal(layers.softmax(x, axis), jax.nn.softmax(x, axis=axis))
+
+    def attention(softmax):
+        return lambda x, v: jnp.einsum("bnij,bnijd->bnd", softmax(x), v)
+
+    ours = attention(lambda x: layers.softmax(x, axis))
+    plain = attention(lambda x: jax.nn.softmax(x, axis=axis))
+    cotangent = jnp.asarray(rng.normal(size=(2, 3, 4)).astype(np.float32))
+    for g_ours, g_plain in zip(
+        jax.vjp(ours, x, v)[1](cotangent), jax.vjp(plain, x, v)[1](cotangent), strict=True
+    ):
+        np.testing.assert_allclose(g_ours, g_plain, rtol=1e-5, atol=1e-6)
+    assert _residual_bytes(ours, x, v) == x.nbytes + v.nbytes
+    assert _residual_bytes(plain, x, v) >= 2 * x.nbytes + v.nbytes

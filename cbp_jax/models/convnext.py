@@ -52,7 +52,7 @@ class ConvNeXtBlock(nnx.Module):
         self.drop_path = layers.DropPath(dpr, rngs=rngs)
 
     def __call__(self, x, *, train: bool):
-        y = self.fc2(jax.nn.gelu(self.fc1(self.norm(self.dwconv(x))), approximate=False))
+        y = self.fc2(layers.gelu(self.fc1(self.norm(self.dwconv(x)))))
         y = y * self.gamma[...].astype(y.dtype)
         return x + self.drop_path(y, train=train)
 
@@ -82,7 +82,8 @@ class ConvNeXt(nnx.Module):
       dtype: compute dtype (parameters stay float32); None keeps float32.
       dwconv_impl: 'auto' (shifted slices on CPU, XLA grouped conv elsewhere), 'xla',
         'shifted'.
-      remat: recompute each block's activations in the backward pass (less memory).
+      remat: recompute each block's activations in the backward pass (less memory on
+        GPU/TPU; XLA:CPU merges the recomputation back).
       rngs: parameter init and the 'dropout' stream for stochastic depth.
     """
 

@@ -231,6 +231,88 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, out_sharding
     return dense(lhs, rhs)
 
 
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, ``jax.nn.gelu(x, approximate=False)``, keeping only ``x`` for the
+    backward pass: autodiff of the erf form keeps three maps of x's size (its product,
+    erfc and exp), a MixFFN's hidden map three times over (docs/benchmarks.md, memory)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(x32 * math.sqrt(0.5)))  # erf: one fusible XLA op
+    pdf = jnp.exp(-0.5 * x32 * x32) * (1.0 / math.sqrt(2.0 * math.pi))
+    return ((g * (cdf + x32 * pdf)).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax(x: jax.Array, axis: int | tuple[int, ...] = -1) -> jax.Array:
+    """``jax.nn.softmax`` whose backward pass keeps only the output ``y``, which attention
+    keeps anyway for its product with the values: dx = y * (g - sum(g * y)). Autodiff of
+    jax.nn.softmax keeps the exponentials as a second map of the scores' size."""
+    return jax.nn.softmax(x, axis=axis)
+
+
+def _softmax_fwd(x, axis):
+    y = jax.nn.softmax(x, axis=axis)
+    return y, y
+
+
+def _softmax_bwd(axis, y, g):
+    return (y * (g - jnp.sum(g * y, axis=axis, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_last(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis of ``x`` (..., C) with ``scale``, ``bias`` (C,): statistics
+    in float32, the result in x's dtype. The backward pass keeps x and the per-row mean and
+    1/std, as PyTorch does; autodiff of the same formula keeps three maps of x's size."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_stats(x, eps):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return x32, mean, jax.lax.rsqrt(var + eps)
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    x32, mean, rstd = _layer_norm_stats(x, eps)
+    y = (x32 - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+    x, mean, rstd, scale = residuals
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g32 = g.astype(jnp.float32)
+    rows = tuple(range(x.ndim - 1))
+    dxhat = g32 * scale.astype(jnp.float32)
+    dx = rstd * (
+        dxhat
+        - jnp.mean(dxhat, axis=-1, keepdims=True)
+        - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True)
+    )
+    dscale = jnp.sum(g32 * xhat, axis=rows).astype(scale.dtype)
+    dbias = jnp.sum(g32, axis=rows).astype(scale.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+layer_norm_last.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """Stochastic depth: zero whole samples of (B, ...) with probability ``rate``, rescale."""
     keep = 1.0 - rate
@@ -290,9 +372,18 @@ class DropPath(nnx.Module):
         return drop_path(x, self.rate, self.rngs())
 
 
-def layer_norm(dim: int, eps: float, dtype: Dtype, rngs) -> nnx.LayerNorm:
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` over the last axis (same parameters and state) computed by
+    :func:`layer_norm_last`, whose backward pass keeps one map of the input's size."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or jnp.result_type(x, self.scale[...])
+        return layer_norm_last(x.astype(dtype), self.scale[...], self.bias[...], self.epsilon)
+
+
+def layer_norm(dim: int, eps: float, dtype: Dtype, rngs) -> LayerNorm:
     """LayerNorm over the last axis, float32 parameters."""
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def linear(din: int, dout: int, dtype: Dtype, rngs, *, use_bias: bool = True) -> nnx.Linear:

@@ -93,7 +93,7 @@ class EfficientAttention(nnx.Module):
         k = self.k(kv).reshape(b, hk, wk, n, d)
         v = self.v(kv).reshape(b, hk, wk, n, d)
         scores = jnp.einsum("bhwnd,bijnd->bnhwij", q, k) * (d**-0.5)
-        attn = jax.nn.softmax(scores.astype(jnp.float32), axis=(-2, -1)).astype(v.dtype)
+        attn = layers.softmax(scores.astype(jnp.float32), (-2, -1)).astype(v.dtype)
         out = jnp.einsum("bnhwij,bijnd->bhwnd", attn, v).reshape(b, h, w, c)
         return self.proj(out)
 
@@ -107,7 +107,7 @@ class MixFFN(nnx.Module):
         self.fc2 = layers.linear(hidden, dim, dtype, rngs)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.dwconv(self.fc1(x)), approximate=False))
+        return self.fc2(layers.gelu(self.dwconv(self.fc1(x))))
 
 
 class MiTBlock(nnx.Module):
@@ -168,7 +168,8 @@ class MixTransformer(nnx.Module):
       dtype: compute dtype (parameters stay float32); None keeps float32.
       dwconv_impl: 'auto' (shifted slices on CPU, XLA grouped conv elsewhere), 'xla',
         'shifted'.
-      remat: recompute each block's activations in the backward pass (less memory).
+      remat: recompute each block's activations in the backward pass (less memory on
+        GPU/TPU; XLA:CPU merges the recomputation back).
       rngs: parameter init and the 'dropout' stream for stochastic depth.
     """
 
