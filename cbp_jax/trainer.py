@@ -53,6 +53,18 @@ def model_from_config(config: ml_collections.ConfigDict) -> nnx.Module:
     )
 
 
+def remat_note(config: ml_collections.ConfigDict, backend: str) -> str | None:
+    """Why ``model.remat`` does nothing on ``backend``, or None where it works."""
+    if not config.model.get("remat") or backend != "cpu":
+        return None
+    return (
+        "model.remat=True saves no memory on CPU: XLA:CPU drops the optimization barriers "
+        "that keep the recomputation apart before it merges common subexpressions, so the "
+        "backward pass reuses the forward activations (docs/benchmarks.md, memory). It "
+        "works on GPU and TPU."
+    )
+
+
 def source_from_config(config: ml_collections.ConfigDict, split: str):
     """The data source for ``split``, validated (layout errors name the expected folders)."""
     d = config.data
@@ -307,6 +319,8 @@ def _train_in_workdir(config, workdir, mesh, preemption) -> dict[str, Any]:
     setup = Setup(config, mesh)
     model_info = model_summary(config, setup)
     logging.info("%s", describe_model(model_info))
+    if note := remat_note(config, jax.default_backend()):
+        logging.warning("%s", note)
     logging.info("creating the sharded train state (compiling its initializer)")
     state = setup.init_state()
     evaluator = eval_lib.Evaluator(

@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.cbp_penalty_weight = 0.01
     c.model.drop_path_rate = 0.1
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
-    c.model.remat = False  # recompute encoder block activations in the backward pass
+    c.model.remat = False  # recompute encoder block activations in the backward (GPU/TPU)
 
     # data (cbp_jax.data)
     c.data = ml_collections.ConfigDict()

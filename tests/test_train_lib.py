@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -444,3 +445,36 @@ def test_fsdp_spec_splits_the_largest_divisible_dim():
     assert sharding.fsdp_spec((1024, 256), 4) == jax.sharding.PartitionSpec("fsdp", None)
     assert sharding.fsdp_spec((3, 3, 1, 30), 4) == jax.sharding.PartitionSpec()  # small
     assert sharding.fsdp_spec((1024, 256), 1) == jax.sharding.PartitionSpec()
+
+
+def _chain_temp_bytes(block) -> int:
+    """Temporaries of the compiled gradient of four ``block``s applied in a chain."""
+
+    def loss(weights, x):
+        for w in weights:
+            x = block(w, x)
+        return jnp.sum(x * x)
+
+    weights = [jax.ShapeDtypeStruct((64, 64), jnp.float32)] * 4
+    x = jax.ShapeDtypeStruct((512, 64), jnp.float32)
+    compiled = jax.jit(jax.grad(loss)).lower(weights, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_remat_note_says_what_the_backend_does():
+    """``trainer.remat_note`` warns on CPU only, and what it says holds there: the compiled
+    gradient of checkpointed blocks keeps as much as the plain one (the recomputation is
+    merged back into the forward pass). If XLA:CPU starts honouring remat, this fails and
+    the note goes."""
+
+    def block(w, x):
+        return x + jnp.tanh(jnp.tanh(x @ w) @ w)
+
+    config = ml_collections.ConfigDict({"model": {"remat": True}})
+    assert trainer.remat_note(config, "gpu") is None
+    config.model.remat = False
+    assert trainer.remat_note(config, "cpu") is None
+    config.model.remat = True
+    assert "no memory on CPU" in trainer.remat_note(config, "cpu")
+    if jax.default_backend() == "cpu":
+        assert _chain_temp_bytes(jax.checkpoint(block)) >= _chain_temp_bytes(block)
