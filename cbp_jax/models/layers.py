@@ -235,7 +235,7 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, out_sharding
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, ``jax.nn.gelu(x, approximate=False)``, keeping only ``x`` for the
     backward pass: autodiff of the erf form keeps three maps of x's size (its product,
-    erfc and exp), a MixFFN's hidden map three times over (docs/benchmarks.md, memory)."""
+    erfc and exp), a MixFFN's hidden map three times over (docs/benchmarks.md, change 11)."""
     return jax.nn.gelu(x, approximate=False)
 
 
