@@ -151,7 +151,7 @@ def bench_dense_convs(repeats, dtype=jnp.float32, cases=DENSE_CASES):
 def _dense_resize(x, size, axes):
     """The resize as two dense (n_out, n_in) matrix products (the form before 2026-11-26)."""
     for axis, n_out in zip(axes, size, strict=True):
-        m = jnp.asarray(layers._bilinear_matrix(x.shape[axis], n_out), x.dtype)
+        m = jnp.asarray(layers.bilinear_matrix(x.shape[axis], n_out), x.dtype)
         x = jnp.moveaxis(jnp.tensordot(m, x, axes=(1, axis)), 0, axis)
     return x
 

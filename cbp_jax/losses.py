@@ -55,13 +55,28 @@ def pixel_cross_entropy(
             f"logits {logits.shape} (classes on axis {axis}) and labels {labels.shape} must "
             "agree on every other axis; resize the logits to the label size first."
         )
+    return labelled_nll_sum(logits, labels, ignore_index, axis) / ce_denominator(
+        labels, ignore_index, average
+    )
+
+
+def labelled_nll_sum(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = 255, axis: int = -1
+) -> jax.Array:
+    """The float32 sum of :func:`pixel_nll` over the pixels not marked ``ignore_index``."""
+    _require_integer_labels(labels)
+    nll = pixel_nll(logits.astype(jnp.float32), labels, axis % logits.ndim)
+    return jnp.sum(jnp.where(labels != ignore_index, nll, 0.0))
+
+
+def ce_denominator(labels: jax.Array, ignore_index: int, average: str) -> jax.Array:
+    """What :func:`pixel_cross_entropy` divides the summed NLL by for ``average``: the
+    labelled pixels (at least 1) or all of them."""
     if average not in CE_AVERAGES:
         raise ValueError(f"average={average!r} is not one of {CE_AVERAGES}.")
-    _require_integer_labels(labels)
-    valid = labels != ignore_index
-    nll = pixel_nll(logits.astype(jnp.float32), labels, axis)
-    count = jnp.sum(valid) if average == "labelled" else valid.size
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1)
+    if average == "all":
+        return jnp.asarray(labels.size, jnp.float32)
+    return jnp.maximum(jnp.sum(labels != ignore_index), 1).astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

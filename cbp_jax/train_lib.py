@@ -8,6 +8,7 @@ and closed over by the step functions.
 """
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ import optax
 from flax import nnx
 
 from cbp_jax import losses
-from cbp_jax.models.layers import resize_bilinear
+from cbp_jax.models.layers import bilinear_matrix, bilinear_taps, resize_bilinear
 from cbp_jax.sharding import path_name
 
 State = dict[str, Any]
@@ -230,17 +231,92 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> State:
 # ----------------------------------------------------------------------------- steps
 
 
+def ce_band_bytes(backend: str | None = None) -> int:
+    """The most float32 upsampled logits :func:`upsampled_cross_entropy` makes at once.
+
+    On CPU, bands of 2-4 MB stay in cache: the B0 512x512, 150-class CE (forward and
+    backward) took 351-427 ms in 4 MB bands against 553-560 ms whole, 17-18 against
+    31-35 ms for batch 8 at 256x256 with 11 classes (docs/benchmarks.md, change 12).
+    Elsewhere each band is a few kernel launches, so bands only bound the memory (not
+    measured on an accelerator).
+    """
+    return 4 * 2**20 if (backend or jax.default_backend()) == "cpu" else 256 * 2**20
+
+
 def upsampled_cross_entropy(
-    logits: jax.Array, labels: jax.Array, ignore_index: int = 255, average: str = "all"
+    logits: jax.Array,
+    labels: jax.Array,
+    ignore_index: int = 255,
+    average: str = "all",
+    band_bytes: int | None = None,
 ) -> jax.Array:
     """Pixel CE of ``logits`` (B, h, w, N) bilinearly upsampled to ``labels`` (B, H, W),
     averaged as :func:`cbp_jax.losses.pixel_cross_entropy` says for ``average``.
 
     mmseg's order (resize the logits, then the loss), computed channels-first so that the
     resize and the softmax run along contiguous pixel rows instead of N-wide class vectors.
+    Where the float32 upsampled logits would exceed ``band_bytes`` (default
+    :func:`ce_band_bytes`) they are made a band of rows at a time (:func:`_banded_nll_sum`),
+    so that neither pass holds them, or their gradient, whole: for SegFormer-B5's batch of 2
+    at 512x512 with 150 classes that is 300 MB each (docs/benchmarks.md, change 12).
     """
-    logits = resize_bilinear(jnp.moveaxis(logits, -1, 1), labels.shape[1:3], axes=(2, 3))
-    return losses.pixel_cross_entropy(logits, labels, ignore_index, average=average, axis=1)
+    logits = jnp.moveaxis(logits, -1, 1)  # (B, N, h, w)
+    b, n, h, _ = logits.shape
+    height, width = labels.shape[1:3]
+    rows = max(1, (band_bytes or ce_band_bytes()) // (b * n * width * 4))
+    if rows >= height:
+        logits = resize_bilinear(logits, (height, width), axes=(2, 3))
+        return losses.pixel_cross_entropy(logits, labels, ignore_index, average=average, axis=1)
+    bands = -(-height // rows)
+    pad = bands * rows - height  # rows past the image: labelled ignore_index, so not scored
+    lo, hi, frac = (np.pad(t, (0, pad)).reshape(bands, rows) for t in bilinear_taps(h, height))
+    band_labels = jnp.pad(labels, ((0, 0), (0, pad), (0, 0)), constant_values=ignore_index)
+    band_labels = jnp.moveaxis(band_labels.reshape(b, bands, rows, width), 1, 0)
+    band_rows = (jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(frac, jnp.float32))
+    total = _banded_nll_sum(logits, band_rows, band_labels, ignore_index)
+    return total / losses.ce_denominator(labels, ignore_index, average)
+
+
+def _band_nll_sum(logits, rows, labels, ignore_index):
+    """NLL summed over one band: ``logits`` (B, N, h, w) upsampled at the output rows whose
+    source rows and weights are ``rows`` = (lo, hi, frac), each (R,), scored on ``labels``
+    (B, R, W)."""
+    lo, hi, frac = rows
+    frac = frac[:, None].astype(logits.dtype)
+    band = jnp.take(logits, lo, axis=2) * (1 - frac) + jnp.take(logits, hi, axis=2) * frac
+    w, width = logits.shape[3], labels.shape[2]
+    if w != width:
+        band = band @ jnp.asarray(bilinear_matrix(w, width).T, logits.dtype)
+    return losses.labelled_nll_sum(band, labels, ignore_index, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _banded_nll_sum(logits, band_rows, band_labels, ignore_index):
+    """The NLL summed band by band (a scan over the leading axis of ``band_rows`` and
+    ``band_labels``). Each band's gradient is taken in the same loop step, while its
+    upsampled logits exist, and summed into a (B, N, h, w) gradient that is the only
+    residual: no band is made twice, none outlives its step. (A call without a gradient
+    does that work too; only the train step's loss calls it.)"""
+    return _banded_nll_sum_fwd(logits, band_rows, band_labels, ignore_index)[0]
+
+
+def _banded_nll_sum_fwd(logits, band_rows, band_labels, ignore_index):
+    def step(grad, band):
+        rows, labels = band
+        nll_sum, vjp = jax.vjp(lambda z: _band_nll_sum(z, rows, labels, ignore_index), logits)
+        (band_grad,) = vjp(jnp.ones_like(nll_sum))
+        return grad + band_grad.astype(jnp.float32), nll_sum
+
+    grad0 = jnp.zeros_like(logits, jnp.float32)  # sharded as the logits, also explicitly
+    grad, sums = jax.lax.scan(step, grad0, (band_rows, band_labels))
+    return jnp.sum(sums), grad.astype(logits.dtype)
+
+
+def _banded_nll_sum_bwd(ignore_index, grad, g):
+    return (g * grad).astype(grad.dtype), None, None
+
+
+_banded_nll_sum.defvjp(_banded_nll_sum_fwd, _banded_nll_sum_bwd)
 
 
 def segmentation_loss(

@@ -478,3 +478,74 @@ def test_remat_note_says_what_the_backend_does():
     assert "no memory on CPU" in trainer.remat_note(config, "cpu")
     if jax.default_backend() == "cpu":
         assert _chain_temp_bytes(jax.checkpoint(block)) >= _chain_temp_bytes(block)
+
+
+# ----------------------------------------------------------------------------- banded CE
+
+
+@pytest.mark.parametrize("average", ["all", "labelled"])
+@pytest.mark.parametrize(
+    "shape, size",
+    [
+        ((2, 8, 9, 5), (33, 37)),  # 33 rows in bands of 4: the last band padded
+        ((2, 8, 8, 5), (32, 8)),  # the width kept: no product along W
+    ],
+)
+def test_banded_cross_entropy_equals_the_whole_image_one(average, shape, size):
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    labels = rng.integers(0, shape[-1], (shape[0], *size))
+    labels[0, :3] = 255
+    labels = jnp.asarray(labels, jnp.int32)
+    band = 4 * shape[0] * shape[-1] * size[1] * 4  # bytes of 4 float32 rows of logits
+
+    def value_and_grad(band_bytes):
+        def loss(z):
+            return train_lib.upsampled_cross_entropy(z, labels, 255, average, band_bytes)
+
+        return jax.jit(jax.value_and_grad(loss))(logits)
+
+    (whole, g_whole), (banded, g_banded) = value_and_grad(1 << 40), value_and_grad(band)
+    np.testing.assert_allclose(banded, whole, rtol=1e-6)
+    np.testing.assert_allclose(g_banded, g_whole, rtol=1e-5, atol=1e-9)
+
+
+def test_banded_cross_entropy_keeps_less():
+    """The gradient's temporaries shrink with the bands: the whole-image form holds the
+    upsampled logits and their gradient."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(8, 16, 16, 150)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 150, (8, 64, 64)), jnp.int32)
+    whole_bytes = 8 * 150 * 64 * 64 * 4  # 19.7 MB of upsampled float32 logits
+
+    def temp_bytes(band_bytes):
+        def loss(z):
+            return train_lib.upsampled_cross_entropy(z, labels, 255, "all", band_bytes)
+
+        compiled = jax.jit(jax.grad(loss)).lower(logits).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(whole_bytes // 8) < temp_bytes(1 << 40) / 3
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_banded_cross_entropy_sharded_over_8_devices_equals_single_device(axis_type):
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.normal(size=(8, 6, 7, 5)), jnp.float32)
+    labels = rng.integers(0, 5, (8, 25, 28))
+    labels[:2, :4] = 255
+    labels = jnp.asarray(labels, jnp.int32)
+
+    def loss(z, y):
+        return train_lib.upsampled_cross_entropy(
+            z, y, 255, "labelled", band_bytes=8 * 5 * 28 * 4 * 3
+        )
+
+    single = jax.jit(jax.value_and_grad(loss))(logits, labels)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    with jax.set_mesh(mesh):
+        batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        z, y = jax.device_put(logits, batch), jax.device_put(labels, batch)
+        sharded = jax.jit(jax.value_and_grad(loss))(z, y)
+    np.testing.assert_allclose(sharded[0], single[0], rtol=1e-6)
+    np.testing.assert_allclose(sharded[1], single[1], rtol=1e-5, atol=1e-9)

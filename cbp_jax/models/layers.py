@@ -27,7 +27,7 @@ conv_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 # ----------------------------------------------------------------------------- pure functions
 
 
-def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PyTorch's bilinear resize along one axis (align_corners=False, no antialiasing): for
     each output index the two source indices ``lo``, ``hi`` and the weight ``frac`` of
     ``hi`` (float64)."""
@@ -37,9 +37,9 @@ def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return lo, hi, src - lo
 
 
-def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float32 weights of ``_bilinear_taps``: the resize as a matrix."""
-    lo, hi, frac = _bilinear_taps(n_in, n_out)
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of ``bilinear_taps``: the resize as a matrix."""
+    lo, hi, frac = bilinear_taps(n_in, n_out)
     m = np.zeros((n_out, n_in), np.float64)
     np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
     np.add.at(m, (np.arange(n_out), hi), frac)
@@ -51,7 +51,7 @@ def _resize_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
     """Bilinear resize along ``axis`` as two gathers and a lerp, work linear in the output;
     its backward pass is one product with the resize matrix's transpose (autodiff of the
     gathers would scatter-add, which XLA:CPU runs slower)."""
-    lo, hi, frac = _bilinear_taps(x.shape[axis], n_out)
+    lo, hi, frac = bilinear_taps(x.shape[axis], n_out)
     shape = [1] * x.ndim
     shape[axis] = n_out
     w = jnp.asarray(frac.reshape(shape), x.dtype)
@@ -63,7 +63,7 @@ def _resize_axis_fwd(x, n_out, axis):
 
 
 def _resize_axis_bwd(n_out, axis, n_in, g):
-    m = jnp.asarray(_bilinear_matrix(n_in, n_out), g.dtype)  # (n_out, n_in)
+    m = jnp.asarray(bilinear_matrix(n_in, n_out), g.dtype)  # (n_out, n_in)
     return (jnp.moveaxis(jnp.tensordot(m, g, axes=(0, axis)), 0, axis),)
 
 
@@ -91,7 +91,7 @@ def resize_bilinear(
         if axis < x.ndim - 1:
             x = _resize_axis(x, n_out, axis)
         else:  # the minor axis: XLA:CPU gathers along it element by element; a matmul
-            x = x @ jnp.asarray(_bilinear_matrix(n_in, n_out).T, x.dtype)
+            x = x @ jnp.asarray(bilinear_matrix(n_in, n_out).T, x.dtype)
     return x
 
 

@@ -87,12 +87,14 @@ class EfficientAttention(nnx.Module):
         n, d = self.num_heads, c // self.num_heads
         # Only the channel axis is split or merged (no reshape across spatial axes), so this
         # also traces under explicitly sharded batches.
-        q = self.q(x).reshape(b, h, w, n, d)
+        # The scale goes on q, as in PyTorch's SDPA: on the scores, XLA:CPU materializes a
+        # scores-sized broadcast of it that lives until the backward pass.
+        q = self.q(x).reshape(b, h, w, n, d) * (d**-0.5)
         kv = self.sr_norm(self.sr(x)) if self.sr_ratio > 1 else x
         hk, wk = kv.shape[1], kv.shape[2]
         k = self.k(kv).reshape(b, hk, wk, n, d)
         v = self.v(kv).reshape(b, hk, wk, n, d)
-        scores = jnp.einsum("bhwnd,bijnd->bnhwij", q, k) * (d**-0.5)
+        scores = jnp.einsum("bhwnd,bijnd->bnhwij", q, k)
         attn = layers.softmax(scores.astype(jnp.float32), (-2, -1)).astype(v.dtype)
         out = jnp.einsum("bnhwij,bijnd->bhwnd", attn, v).reshape(b, h, w, c)
         return self.proj(out)
