@@ -272,16 +272,16 @@ def upsampled_cross_entropy(
     lo, hi, frac = (np.pad(t, (0, pad)).reshape(bands, rows) for t in bilinear_taps(h, height))
     band_labels = jnp.pad(labels, ((0, 0), (0, pad), (0, 0)), constant_values=ignore_index)
     band_labels = jnp.moveaxis(band_labels.reshape(b, bands, rows, width), 1, 0)
-    band_rows = (jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(frac, jnp.float32))
-    total = _banded_nll_sum(logits, band_rows, band_labels, ignore_index)
+    band_taps = (jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(frac, jnp.float32))
+    total = _banded_nll_sum(logits, band_taps, band_labels, ignore_index)
     return total / losses.ce_denominator(labels, ignore_index, average)
 
 
-def _band_nll_sum(logits, rows, labels, ignore_index):
-    """NLL summed over one band: ``logits`` (B, N, h, w) upsampled at the output rows whose
-    source rows and weights are ``rows`` = (lo, hi, frac), each (R,), scored on ``labels``
-    (B, R, W)."""
-    lo, hi, frac = rows
+def _band_nll_sum(logits, taps, labels, ignore_index):
+    """NLL summed over one band: ``logits`` (B, N, h, w) upsampled at the band's R output
+    rows, whose source rows and weights are ``taps`` = (lo, hi, frac), each (R,), and
+    scored on ``labels`` (B, R, W)."""
+    lo, hi, frac = taps
     frac = frac[:, None].astype(logits.dtype)
     band = jnp.take(logits, lo, axis=2) * (1 - frac) + jnp.take(logits, hi, axis=2) * frac
     w, width = logits.shape[3], labels.shape[2]
@@ -291,24 +291,24 @@ def _band_nll_sum(logits, rows, labels, ignore_index):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _banded_nll_sum(logits, band_rows, band_labels, ignore_index):
-    """The NLL summed band by band (a scan over the leading axis of ``band_rows`` and
+def _banded_nll_sum(logits, band_taps, band_labels, ignore_index):
+    """The NLL summed band by band (a scan over the leading axis of ``band_taps`` and
     ``band_labels``). Each band's gradient is taken in the same loop step, while its
     upsampled logits exist, and summed into a (B, N, h, w) gradient that is the only
     residual: no band is made twice, none outlives its step. (A call without a gradient
     does that work too; only the train step's loss calls it.)"""
-    return _banded_nll_sum_fwd(logits, band_rows, band_labels, ignore_index)[0]
+    return _banded_nll_sum_fwd(logits, band_taps, band_labels, ignore_index)[0]
 
 
-def _banded_nll_sum_fwd(logits, band_rows, band_labels, ignore_index):
+def _banded_nll_sum_fwd(logits, band_taps, band_labels, ignore_index):
     def step(grad, band):
-        rows, labels = band
-        nll_sum, vjp = jax.vjp(lambda z: _band_nll_sum(z, rows, labels, ignore_index), logits)
+        taps, labels = band
+        nll_sum, vjp = jax.vjp(lambda z: _band_nll_sum(z, taps, labels, ignore_index), logits)
         (band_grad,) = vjp(jnp.ones_like(nll_sum))
         return grad + band_grad.astype(jnp.float32), nll_sum
 
     grad0 = jnp.zeros_like(logits, jnp.float32)  # sharded as the logits, also explicitly
-    grad, sums = jax.lax.scan(step, grad0, (band_rows, band_labels))
+    grad, sums = jax.lax.scan(step, grad0, (band_taps, band_labels))
     return jnp.sum(sums), grad.astype(logits.dtype)
 
 

@@ -11,7 +11,8 @@ import pytest
 from config_helpers import load_config
 from flax import nnx
 
-from cbp_jax import sharding, train_lib, trainer
+from cbp_jax import losses, sharding, train_lib, trainer
+from cbp_jax.models import layers
 
 ALL_CONFIGS = [
     "ade20k_mit_b0",
@@ -508,6 +509,21 @@ def test_banded_cross_entropy_equals_the_whole_image_one(average, shape, size):
     (whole, g_whole), (banded, g_banded) = value_and_grad(1 << 40), value_and_grad(band)
     np.testing.assert_allclose(banded, whole, rtol=1e-6)
     np.testing.assert_allclose(g_banded, g_whole, rtol=1e-5, atol=1e-9)
+
+
+def test_segmentation_loss_bands_large_logits_by_default():
+    """The train step's loss bands logits past ``ce_band_bytes`` (two 4 MB bands here on
+    CPU) and equals mmseg's order computed whole: resize, then the pixel CE."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(2, 32, 32, 64)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 64, (2, 128, 128)), jnp.int32)
+    assert 2 * 64 * 128 * 128 * 4 > train_lib.ce_band_bytes()
+    cfg = train_lib.LossConfig(num_classes=64, occl=False)
+    loss, metrics = train_lib.segmentation_loss({"logits": logits}, labels, None, cfg)
+    whole = layers.resize_bilinear(jnp.moveaxis(logits, -1, 1), (128, 128), axes=(2, 3))
+    expected = losses.pixel_cross_entropy(whole, labels, average="all", axis=1)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(metrics["ce"], expected, rtol=1e-6)
 
 
 def test_banded_cross_entropy_keeps_less():
