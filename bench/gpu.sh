@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8's GPU section in one go: bfloat16 train/inference speed and memory of SegFormer-B0,
 # SegFormer-B5 and UperNet-ConvNeXt-B at 512x512 against PyTorch on the same GPU, then the
-# depthwise/1x1/patchify conv formulations and the compiled memory of the B5 step at batch 2.
+# depthwise/1x1/patchify conv formulations, the banded CE's band size and the compiled memory
+# of the B5 step at batch 2.
 #
 #     bash bench/gpu.sh LOGDIR [SECONDS]
 #
@@ -39,4 +40,5 @@ part b5 220 $py bench/train_step.py --model segformer_b5 --batch 8 "${common[@]}
 part convnext_b 150 $py bench/train_step.py --model upernet_convnext_base --batch 8 \
   "${common[@]}" --steps 8 --variants jax-cbp-occl,torch-ce
 part formulations 60 $py bench/models.py --formulations --dtype bfloat16 --repeats 20
+part ce_bands 60 $py bench/models.py --ce-bands --repeats 10
 part memory_b5 200 $py bench/train_step.py --memory --memory-dtypes bfloat16,float32 --memory-no-remat

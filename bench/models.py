@@ -5,6 +5,7 @@
     python bench/models.py --dwconv              # 'xla' vs 'shifted' depthwise convs only
     python bench/models.py --formulations --dtype bfloat16   # + 1x1 and patchify convs
     python bench/models.py --resize              # bilinear resize: dense matrices vs ours
+    python bench/models.py --ce-bands            # upsampled CE: whole vs bands of rows
 
 FLOPs come from XLA's cost analysis of the jitted eval forward (batch 1); XLA counts a
 multiply-add as 2 FLOPs, while the paper's "GFLOPs" (mmcv) count multiply-adds, so the
@@ -15,7 +16,9 @@ Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
@@ -23,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cbp_jax import model_stats, models
-from cbp_jax.models import layers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # cbp_jax
+from cbp_jax import model_stats, models, train_lib  # noqa: E402
+from cbp_jax.models import layers  # noqa: E402
 
 PAPER = {
     "segformer_b5": "82.1 M / 75.6 (SegFormer-B5 + ours, Table 2)",
@@ -191,6 +195,45 @@ def bench_resize(repeats, cases=RESIZE_CASES):
         )
 
 
+CE_CASES = (  # (B, h, w, N) logits -> label size
+    ((8, 64, 64, 11), (256, 256)),  # --quick / CamVid-like
+    ((2, 128, 128, 150), (512, 512)),  # ADE20K, batch 2 (the CPU figures)
+    ((8, 128, 128, 150), (512, 512)),  # ADE20K, batch 8 (the GPU figures)
+)
+CE_BANDS_MB = (None, 256, 64, 16, 4, 2)  # None: the whole image at once
+
+
+def bench_ce_bands(repeats, cases=CE_CASES, bands_mb=CE_BANDS_MB):
+    """``train_lib.upsampled_cross_entropy`` forward + backward, whole against bands of rows
+    of the float32 upsampled logits: time and the compiled temporaries."""
+    print(f"backend {jax.default_backend()}: default bands {train_lib.ce_band_bytes() >> 20} MB")
+    print("| logits -> labels | bands (MB) | fwd+bwd (ms) | temporaries (MB) | max abs diff |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for shape, size in cases:
+        logits = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        labels = jnp.asarray(rng.integers(0, shape[-1], (shape[0], *size)), jnp.int32)
+        whole_mb = shape[0] * shape[-1] * size[0] * size[1] * 4 / 2**20
+        reference = None
+        for mb in bands_mb:
+            if mb is not None and mb >= whole_mb:
+                continue
+            band_bytes = 1 << 62 if mb is None else mb << 20
+
+            def loss(z, labels=labels, band_bytes=band_bytes):
+                return train_lib.upsampled_cross_entropy(z, labels, band_bytes=band_bytes)
+
+            f = jax.jit(jax.value_and_grad(loss))
+            temps = f.lower(logits).compile().memory_analysis().temp_size_in_bytes / 2**20
+            secs, (_, grad) = _median_time(f, logits, repeats=repeats), f(logits)
+            reference = grad if reference is None else reference
+            print(
+                f"| {shape} -> {size} | {'whole' if mb is None else mb} | {secs * 1e3:.0f} | "
+                f"{temps:.1f} | {_diff(grad, reference):.1e} |",
+                flush=True,
+            )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(models.SEGMENTORS))
@@ -204,11 +247,15 @@ def main():
     )
     ap.add_argument("--dtype", default="float32", help="for --dwconv / --formulations")
     ap.add_argument("--resize", action="store_true", help="only the bilinear-resize comparison")
+    ap.add_argument("--ce-bands", action="store_true", help="only the banded-CE comparison")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
     dtype = jnp.dtype(args.dtype)
     if args.resize:
         bench_resize(max(args.repeats, 1))
+        return
+    if args.ce_bands:
+        bench_ce_bands(max(args.repeats, 1))
         return
     if args.dwconv or args.formulations:
         bench_dwconv(max(args.repeats, 1), dtype)

@@ -234,11 +234,11 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> State:
 def ce_band_bytes(backend: str | None = None) -> int:
     """The most float32 upsampled logits :func:`upsampled_cross_entropy` makes at once.
 
-    On CPU, bands of 2-4 MB stay in cache: the B0 512x512, 150-class CE (forward and
-    backward) took 351-427 ms in 4 MB bands against 553-560 ms whole, 17-18 against
-    31-35 ms for batch 8 at 256x256 with 11 classes (docs/benchmarks.md, change 12).
-    Elsewhere each band is a few kernel launches, so bands only bound the memory (not
-    measured on an accelerator).
+    On CPU, bands of 2-4 MB stay in cache: ``python bench/models.py --ce-bands`` measured
+    the (2, 128, 128, 150) -> 512x512 CE (forward and backward) at 294 ms in 4 MB bands
+    against 542 ms whole, and batch 8 at 256x256 with 11 classes at 16 against 36 ms
+    (docs/benchmarks.md, change 12). Elsewhere each band is a few kernel launches, so bands
+    only bound the memory (not measured on an accelerator).
     """
     return 4 * 2**20 if (backend or jax.default_backend()) == "cpu" else 256 * 2**20
 
@@ -263,7 +263,8 @@ def upsampled_cross_entropy(
     logits = jnp.moveaxis(logits, -1, 1)  # (B, N, h, w)
     b, n, h, _ = logits.shape
     height, width = labels.shape[1:3]
-    rows = max(1, (band_bytes or ce_band_bytes()) // (b * n * width * 4))
+    band_bytes = ce_band_bytes() if band_bytes is None else band_bytes
+    rows = max(1, band_bytes // (b * n * width * 4))
     if rows >= height:
         logits = resize_bilinear(logits, (height, width), axes=(2, 3))
         return losses.pixel_cross_entropy(logits, labels, ignore_index, average=average, axis=1)
