@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from cbp_jax import losses
-from cbp_jax.models.layers import bilinear_matrix, bilinear_taps, resize_bilinear
+from cbp_jax.models.layers import bilinear_taps, resize_bilinear
 from cbp_jax.sharding import path_name
 
 State = dict[str, Any]
@@ -285,9 +285,7 @@ def _band_nll_sum(logits, taps, labels, ignore_index):
     lo, hi, frac = taps
     frac = frac[:, None].astype(logits.dtype)
     band = jnp.take(logits, lo, axis=2) * (1 - frac) + jnp.take(logits, hi, axis=2) * frac
-    w, width = logits.shape[3], labels.shape[2]
-    if w != width:
-        band = band @ jnp.asarray(bilinear_matrix(w, width).T, logits.dtype)
+    band = resize_bilinear(band, labels.shape[1:], axes=(2, 3))  # W only: the rows are made
     return losses.labelled_nll_sum(band, labels, ignore_index, axis=1)
 
 

@@ -281,15 +281,10 @@ def layer_norm_last(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float)
     return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
-def _layer_norm_stats(x, eps):
+def _layer_norm_fwd(x, scale, bias, eps):
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return x32, mean, jax.lax.rsqrt(var + eps)
-
-
-def _layer_norm_fwd(x, scale, bias, eps):
-    x32, mean, rstd = _layer_norm_stats(x, eps)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + eps)
     y = (x32 - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(x.dtype), (x, mean, rstd, scale)
 
