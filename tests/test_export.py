@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from config_helpers import load_config
+from config_helpers import fresh_train_state, load_config
 
 from cbp_jax import checkpointing, export, predict, weights
 from cbp_jax import workdir as workdir_lib
@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _perturbed_state(config, seed: int):
     """A fresh state with every parameter and BatchNorm statistic moved off its init, so
     that a wrong layout or a training-mode BatchNorm shows in the logits."""
-    _, state = predict._fresh_state(config)
+    state = fresh_train_state(config)
     leaves, tree = jax.tree.flatten(state["params"])
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     leaves = [
@@ -149,11 +149,11 @@ def test_export_state_dict_inverts_the_import_tables():
     assert "segformer.encoder.block.0.0.attention.self.query.weight" in sd
     assert sd["segformer.encoder.patch_embeddings.0.proj.weight"].shape == (32, 3, 7, 7)
     model = seg.model()
-    targets = weights._targets(model)
+    targets = weights.rules.targets(model)
     rules = weights.HF_MIT_V4 + weights.HF_SEGFORMER_HEAD
     for key, value in sd.items():
         stripped = key.removeprefix("segformer.")
-        mapped = weights._match(rules, stripped)
+        mapped = weights.rules.match(rules, stripped)
         assert mapped is not None, key
         for dst, fn in mapped:
             name = ("encoder." if key.startswith("segformer.") else "") + dst
