@@ -1,17 +1,10 @@
 """Two JAX processes (gloo on CPU): ShardByJaxProcess + global arrays = one process's batches."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
+import multiprocess
 import numpy as np
 import pytest
 
 from cbp_jax import data
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = r"""
 import json, os, sys
@@ -48,33 +41,9 @@ jax.distributed.shutdown()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_build_the_single_process_batches():
-    port = str(_free_port())
-    env = {**os.environ, "PYTHONPATH": REPO}
-    env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SCRIPT, port, str(i)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for i in range(2)
-    ]
-    outs = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=240)
-        assert p.returncode == 0, stderr[-3000:]
-        line = [x for x in stdout.splitlines() if x.startswith("RESULT")][0]
-        outs.append(json.loads(line[len("RESULT") :]))
+    outs = [multiprocess.result(o) for o in multiprocess.run_processes(_SCRIPT, timeout=240)]
     assert outs[0] == outs[1]  # both processes see the same global values
     src = data.make_source("scenes", split="train", num_images=10)
     tt = data.train_transform((32, 32), (80, 60))

@@ -1,24 +1,17 @@
 """The mesh evaluator: the same confusion matrix as the single-device path, on one process
 with 8 devices and on two JAX processes (gloo on CPU), odd image counts and mixed sizes."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import ml_collections
+import multiprocess
 import numpy as np
 import pytest
 from config_helpers import load_config
 from data_helpers import make_ade20k
 from flax import nnx
 
-from cbp_jax import data, eval_lib, train_lib, trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cbp_jax import data, eval_lib, factories, inference, train_lib
 
 
 def _config(root: str, num_devices: int = 0, **eval_overrides):
@@ -40,14 +33,14 @@ def _scenes_config(num_devices: int = 0):
 
 def _fresh_state(config):
     """A fresh (seeded) sharded train state: ``(mesh, setup, state)``."""
-    mesh = trainer.mesh_from_config(config)
+    mesh = factories.mesh_from_config(config)
     with jax.set_mesh(mesh):
-        setup = trainer.Setup(config, mesh)
+        setup = factories.TrainSetup(config, mesh)
         return mesh, setup, setup.init_state()
 
 
 def _evaluate_on_mesh(config, mesh, setup, state):
-    source = trainer.source_from_config(config, config.data.eval_split)
+    source = factories.source_from_config(config, config.data.eval_split)
     evaluator = eval_lib.Evaluator(config, mesh, setup.state_shardings, source)
     result = evaluator(state, progress=False)
     if config.eval.mode == "slide":  # the run's later evaluations reuse every program
@@ -63,12 +56,11 @@ def _mesh_metrics(config):
 
 def _single_device_metrics(config, state):
     """Per-image evaluation on one device with a host copy of the state (mmseg's batch 1)."""
-    e = config.eval
     host_state = jax.device_get({k: state[k] for k in ("params", "model_state")})
     device = jax.devices()[0]
     local_state = jax.device_put(host_state, device)
-    predict = jax.jit(train_lib.make_predict_fn(eval_lib.eval_graphdef(config)))
-    source = trainer.source_from_config(config, config.data.eval_split)
+    predict = jax.jit(train_lib.make_predict_fn(factories.eval_graphdef(config)))
+    source = factories.source_from_config(config, config.data.eval_split)
     transform = data.test_transform(tuple(config.data.test_scale))
     examples = [
         {"image": transform(source[i])["image"], "label": source[i]["label"]}
@@ -78,11 +70,7 @@ def _single_device_metrics(config, state):
         lambda images: predict(local_state, jax.device_put(images, device)),
         examples,
         num_classes=config.data.num_classes,
-        mode=e.mode,
-        crop=tuple(e.crop) if e.mode == "slide" else None,
-        stride=tuple(e.stride) if e.mode == "slide" else None,
-        ratios=tuple(e.ratios),
-        flip=e.flip,
+        settings=inference.Settings.from_config(config),
         progress=False,
     )
 
@@ -123,7 +111,7 @@ def test_mesh_evaluation_matches_the_single_device_path(ade20k_run, mode):
 def test_eval_batch_size_must_fill_the_mesh(tmp_path):
     config = _config(str(tmp_path), num_devices=8, batch_size=6)
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
-        eval_lib.eval_batch_size(config, trainer.mesh_from_config(config))
+        eval_lib.eval_batch_size(config, factories.mesh_from_config(config))
 
 
 _SCRIPT = r"""
@@ -147,36 +135,11 @@ jax.distributed.shutdown()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_score_the_whole_split():
     # Process 1 holds no image of the last chunk and still joins its global batch. Mixed
     # image sizes are covered on 8 devices above (one compile per size is costly here).
-    port = str(_free_port())
-    env = {**os.environ, "PYTHONPATH": REPO}
-    env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SCRIPT, port, str(i)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for i in range(2)
-    ]
-    outs = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=400)
-        assert p.returncode == 0, stderr[-3000:]
-        line = [x for x in stdout.splitlines() if x.startswith("RESULT")][0]
-        outs.append(json.loads(line[len("RESULT") :]))
+    outs = [multiprocess.result(out) for out in multiprocess.run_processes(_SCRIPT)]
     assert outs[0] == outs[1]  # every process reads the same global matrix
     ref, _ = _mesh_metrics(_scenes_config(num_devices=4))  # one process, same 4 devices
     assert outs[0]["num_images"] == ref["num_images"] == 5
@@ -188,7 +151,7 @@ def test_evaluation_computes_in_float32_whatever_the_training_dtype():
     config = load_config("scenes_mit_b0", "smoke")
     config.model.dtype = "bfloat16"
     _, params, model_state = train_lib.split_model(
-        nnx.eval_shape(lambda: trainer.model_from_config(config))
+        nnx.eval_shape(lambda: factories.model_from_config(config))
     )
     image = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
 
@@ -198,6 +161,6 @@ def test_evaluation_computes_in_float32_whatever_the_training_dtype():
 
         return jax.eval_shape(forward, params, model_state, image).dtype
 
-    assert compute_dtype(eval_lib.eval_graphdef(config)) == jnp.float32
+    assert compute_dtype(factories.eval_graphdef(config)) == jnp.float32
     config.eval.dtype = ""  # the training compute dtype
-    assert compute_dtype(eval_lib.eval_graphdef(config)) == jnp.bfloat16
+    assert compute_dtype(factories.eval_graphdef(config)) == jnp.bfloat16

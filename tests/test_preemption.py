@@ -3,16 +3,12 @@
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 
+import multiprocess
 import orbax.checkpoint as ocp
 import pytest
 
 from cbp_jax import preemption
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_one_process_stops_at_the_step_after_sigterm(tmp_path):
@@ -59,25 +55,8 @@ print(json.dumps({"stop": stop, "python_handler_ran": watcher.requested}))
 @pytest.mark.slow
 def test_two_processes_stop_at_the_same_step(tmp_path):
     """A SIGTERM to process 0 only: both processes stop (and would save) at one step."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=REPO)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SCRIPT, str(port), str(i), str(tmp_path / "ckpt")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    outs = multiprocess.run_processes(_SCRIPT, tmp_path / "ckpt", timeout=300)
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     assert results[0]["stop"] is not None and results[0]["stop"] > 3, results
     assert results[0]["stop"] == results[1]["stop"], results
     # JAX's C++ handler took the signal: Python's flag stayed False on the signalled process.
