@@ -6,10 +6,13 @@ Update strategies (paper, Table 4), all starting from the same CBP init:
 - ``"frozen"`` (default): prototypes are a :class:`Prototypes` variable, not an ``nnx.Param``,
   so no gradient, optimizer state or weight decay ever touches them.
 - ``"gradient"``: prototypes are an ``nnx.Param``, trained like any weight.
-- ``"ema"``: a :class:`Prototypes` variable moved towards the category centroids by
-  :meth:`CBPClassifier.ema_update`, which the train step calls.
+- ``"ema"``: a :class:`Prototypes` variable moved towards the batch's category centroids
+  after each optimizer step.
 - ``"penalty"``: an ``nnx.Param`` plus :meth:`CBPClassifier.orthogonality_loss` added to the
-  loss; :meth:`CBPClassifier.reequalize` restores the length after each optimizer step.
+  loss; the length is restored after each optimizer step.
+
+The after-step part of both is :func:`update_prototypes`, which the train step calls and a
+training loop of your own calls the same way (``examples/own_model.py``).
 """
 
 import jax
@@ -132,6 +135,41 @@ class CBPClassifier(nnx.Module):
         """``"penalty"``: rescales every prototype back to ``length`` (call after each step)."""
         if self.update == "penalty":
             self.prototypes[...] = cbp.equalize_rows(self.prototypes[...], self.length)
+
+
+def update_prototypes(
+    classifier: nnx.Module,
+    features: jax.Array,
+    labels: jax.Array,
+    *,
+    ignore_index: int = 255,
+    axis_name: str | None = None,
+) -> None:
+    """The prototype step of the ``"ema"`` and ``"penalty"`` variants; call it after each
+    optimizer update (``"frozen"`` and ``"gradient"`` classifiers, and learned ones, are left
+    as they are).
+
+    ``"ema"`` moves each prototype towards its class centroid of ``features`` in this batch;
+    ``"penalty"`` rescales every prototype back to the common length (its orthogonality term,
+    ``classifier.orthogonality_loss()``, belongs in the loss).
+
+    Args:
+      classifier: the model's classifier (updated in place).
+      features: ``(B, h, w, C)`` what the classifier saw.
+      labels: ``(B, H, W)`` int labels, nearest-downsampled here to ``(h, w)``.
+      ignore_index: label of unlabelled pixels.
+      axis_name: the ``shard_map`` / ``pmap`` axis the batch is split over, if any.
+    """
+    update = getattr(classifier, "update", "gradient")
+    if update == "ema":
+        if labels.shape[1:3] != features.shape[1:3]:
+            labels = losses.nearest_downsample(labels, features.shape[1:3])
+        centroids, present = losses.category_centroids(
+            features, labels, classifier.num_classes, ignore_index, axis_name
+        )
+        classifier.ema_update(centroids, present)
+    elif update == "penalty":
+        classifier.reequalize()
 
 
 def _matmul_flat(features: jax.Array, w: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ from cbp_jax.classifier import (
     Prototypes,
     ema_prototypes,
     orthogonality_penalty,
+    update_prototypes,
 )
 
 
@@ -174,3 +175,26 @@ def test_linear_classifier_same_interface_and_trains():
     before = np.array(model.classifier.class_weights())
     _adamw_step(model)
     assert np.abs(np.asarray(model.classifier.class_weights()) - before).max() > 1e-4
+
+
+@pytest.mark.parametrize("update", ["frozen", "gradient", "ema", "penalty"])
+def test_update_prototypes_is_the_variant_step(update):
+    """``update_prototypes`` moves ``ema`` prototypes to the batch centroids (labels at the
+    image size, downsampled inside), rescales ``penalty`` ones and leaves the rest alone."""
+    clf = CBPClassifier(4, 8, length=2.0, update=update, ema_momentum=0.5, rngs=nnx.Rngs(0))
+    clf.prototypes[...] = clf.prototypes[...] * 1.5  # off-length, for "penalty"
+    before = np.array(clf.class_weights())
+    features = jax.random.normal(jax.random.key(1), (2, 3, 3, 8))
+    labels = jnp.asarray(np.random.default_rng(2).integers(0, 3, size=(2, 12, 12)), jnp.int32)
+    nnx.jit(update_prototypes)(clf, features, labels)
+    after = np.asarray(clf.class_weights())
+    if update == "ema":
+        small = losses.nearest_downsample(labels, (3, 3))
+        centroids, present = losses.category_centroids(features, small, 4)
+        want = ema_prototypes(jnp.asarray(before), centroids, present, momentum=0.5, length=2.0)
+        np.testing.assert_allclose(after, want, rtol=1e-5, atol=1e-6)
+        assert not present[3] and np.all(after[3] == before[3]) and np.any(after != before)
+    elif update == "penalty":
+        np.testing.assert_allclose(np.linalg.norm(after, axis=1), 2.0, rtol=1e-5)
+    else:
+        np.testing.assert_array_equal(after, before)
