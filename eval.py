@@ -23,7 +23,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cbp_jax import config_checks, eval_lib, logs, trainer  # noqa: E402
+from cbp_jax import config_checks, errors, eval_lib, logs  # noqa: E402
 from cbp_jax import workdir as workdir_lib  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,14 +51,14 @@ def main(argv):
         config_checks.validate(config)
         if not weights:  # before compiling anything or creating a folder
             workdir_lib.check_evaluable(workdir, config, step)
-            step = max(workdir_lib.checkpoint_steps(workdir)) if step is None else step
-        out = flags.FLAGS.out or workdir_lib.eval_dir(workdir, "weights" if weights else step)
         # The per-class table and the summary line are printed by the evaluation, once.
-        eval_lib.evaluate_checkpoint(config, workdir, step=step, weights=weights, out_dir=out)
-    except (*trainer.STOP_ERRORS, FileNotFoundError) as e:
+        result = eval_lib.evaluate_checkpoint(
+            config, workdir, step=step, weights=weights, out_dir=flags.FLAGS.out
+        )
+    except (*errors.STOP_ERRORS, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if jax.process_index() == 0:
-        print(f"Report: {os.path.join(out, 'report.json')}")
+        print(f"Report: {os.path.join(result['out_dir'], 'report.json')}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cbp_jax import config_checks, trainer
+from cbp_jax import config_checks, errors
 from cbp_jax import export as export_lib
 from cbp_jax import predict as predict_lib
+from cbp_jax import workdir as workdir_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
@@ -47,9 +48,7 @@ def main(argv):
     if not f.out:
         raise SystemExit("error: pass --out (a file for --to jax, a folder for --to hf).")
     config = f.config
-    workdir = f.workdir or os.path.join(
-        "workdirs", os.path.splitext(os.path.basename(f["config"].config_filename))[0]
-    )
+    workdir = f.workdir or workdir_lib.default_workdir(f["config"].config_filename)
     try:
         config_checks.validate(config)
         if f.to == "hf":
@@ -75,7 +74,7 @@ def main(argv):
             for note in result["notes"]:
                 print(f"note: {note}")
     except (
-        *trainer.STOP_ERRORS,
+        *errors.STOP_ERRORS,
         FileNotFoundError,
         ValueError,
         export_lib.MissingDependencyError,

@@ -18,8 +18,9 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cbp_jax import config_checks, trainer
+from cbp_jax import config_checks, errors
 from cbp_jax import predict as predict_lib
+from cbp_jax import workdir as workdir_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
@@ -44,8 +45,8 @@ def main(argv):
             "python predict.py --config CONFIG --workdir W photo.jpg --out predictions"
         )
     config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir or os.path.join(
-        "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    workdir = flags.FLAGS.workdir or workdir_lib.default_workdir(
+        flags.FLAGS["config"].config_filename
     )
     try:
         config_checks.validate(config)
@@ -63,7 +64,7 @@ def main(argv):
             overlay_alpha=flags.FLAGS.overlay_alpha,
             batch_size=flags.FLAGS.batch_size,
         )
-    except (*trainer.STOP_ERRORS, FileNotFoundError, ValueError) as e:
+    except (*errors.STOP_ERRORS, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(
         f"{summary['images']} images, {summary['videos']} videos ({summary['frames']} frames) "

@@ -21,7 +21,7 @@ import os  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cbp_jax import config_checks, logs, trainer  # noqa: E402
+from cbp_jax import config_checks, errors, logs, trainer  # noqa: E402
 from cbp_jax import workdir as workdir_lib  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +44,7 @@ def main(argv):
     try:
         config_checks.validate(config)
         trainer.train_and_evaluate(config, workdir)
-    except trainer.STOP_ERRORS as e:
+    except errors.STOP_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
 
 

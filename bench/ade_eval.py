@@ -33,7 +33,7 @@ import cv2  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cbp_jax import config_checks, eval_lib, inference, trainer  # noqa: E402
+from cbp_jax import config_checks, eval_lib, factories, inference  # noqa: E402
 
 
 def ade20k_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -83,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config.data.update(root=write_ade20k_validation(tmp, sizes), num_workers=0)
         config.eval.update(max_images=0, num_panels=0)
-        mesh = trainer.mesh_from_config(config)
+        mesh = factories.mesh_from_config(config)
         print(
             f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices); "
             f"{config.model.name}, eval mode {config.eval.mode}, {config.eval.dtype}; "
@@ -91,9 +91,9 @@ def main() -> None:
             flush=True,
         )
         with jax.set_mesh(mesh):
-            setup = trainer.Setup(config, mesh)
+            setup = factories.TrainSetup(config, mesh)
             state = setup.init_state()
-            source = trainer.source_from_config(config, config.data.eval_split)
+            source = factories.source_from_config(config, config.data.eval_split)
             evaluator = eval_lib.Evaluator(config, mesh, setup.state_shardings, source)
             print("| pass | seconds | images/s | compilations |\n|---|---|---|---|")
             for i in range(a.passes):

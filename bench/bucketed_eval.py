@@ -11,7 +11,6 @@ mode is only worth offering if the difference stays within 0.1 mIoU on real data
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,10 +22,9 @@ cpu.use_cores_as_devices()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 
-from cbp_jax import checkpointing, eval_lib, sharding, train_lib, trainer  # noqa: E402
 from cbp_jax import data as data_lib  # noqa: E402
+from cbp_jax import eval_lib, factories, sharding, train_lib  # noqa: E402
 
 
 def padded_logits_fn(predict, bucket: int):
@@ -48,25 +46,17 @@ def main() -> None:
     p.add_argument("--workdir", required=True)
     p.add_argument("--bucket", type=int, default=128)
     a = p.parse_args()
-    with open(os.path.join(a.workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    mesh = trainer.mesh_from_config(config)
+    config = factories.read_run_config(a.workdir)
+    mesh = factories.mesh_from_config(config)
     with jax.set_mesh(mesh):
-        setup = trainer.Setup(config, mesh)
-        ckpt = checkpointing.Checkpointer(
-            os.path.join(a.workdir, "checkpoints"), every=1, async_save=False
-        )
-        step = ckpt.latest_step()
-        state, _ = ckpt.restore(step, setup.init_state())
-        ckpt.close()
-        model_state = {"params": state["params"], "model_state": state["model_state"]}
+        step, model_state = factories.restore(config, a.workdir, mesh=mesh)
         batch = sharding.batch_sharding(mesh)
-        jitted = jax.jit(train_lib.make_predict_fn(eval_lib.eval_graphdef(config)))
+        jitted = jax.jit(train_lib.make_predict_fn(factories.eval_graphdef(config)))
 
         def predict(images):
             return jitted(model_state, jax.device_put(images, batch))
 
-        source = trainer.source_from_config(config, config.data.eval_split)
+        source = factories.source_from_config(config, config.data.eval_split)
         transform = data_lib.test_transform(tuple(config.data.test_scale))
         results = {}
         for name, fn in (("exact", predict), ("bucketed", padded_logits_fn(predict, a.bucket))):

@@ -266,23 +266,14 @@ def class_weights(workdir: str) -> np.ndarray:
     if os.path.exists(cached):
         return np.load(cached)
     import jax
-    import ml_collections
     from flax import nnx
 
-    from cbp_jax import checkpointing, trainer
+    from cbp_jax import factories
 
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    mesh = trainer.mesh_from_config(config)
-    with jax.set_mesh(mesh):
-        setup = trainer.Setup(config, mesh)
-        checkpointer = checkpointing.Checkpointer(
-            os.path.join(workdir, "checkpoints"), every=1, async_save=False
-        )
-        state, _ = checkpointer.restore(checkpointer.latest_step(), setup.init_state())
-        checkpointer.close()
-        model = nnx.merge(setup.graphdef, state["params"], state["model_state"])
-        weights = np.asarray(jax.device_get(model.classifier.class_weights()), np.float32)
+    config = factories.read_run_config(workdir)
+    _, state = factories.restore(config, workdir)
+    model = nnx.merge(factories.train_graphdef(config), state["params"], state["model_state"])
+    weights = np.asarray(jax.device_get(model.classifier.class_weights()), np.float32)
     np.save(cached, weights)
     return weights
 

@@ -38,7 +38,6 @@ What differs from ``train.py`` (transformers' model as it ships):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -54,14 +53,14 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from cbp_jax import data as data_lib  # noqa: E402
-from cbp_jax import eval_lib, metrics, report, train_lib  # noqa: E402
+from cbp_jax import eval_lib, export, factories, inference, metrics, report, train_lib  # noqa: E402
 from cbp_jax.logs import keep_metric_rows_until  # noqa: E402
-from cbp_jax.models.mit import MIT_VARIANTS, MiTConfig  # noqa: E402
-from cbp_jax.trainer import source_from_config  # noqa: E402
+from cbp_jax.models import ModelConfig  # noqa: E402
 
 CHECKPOINT = "checkpoint.pt"
 IGNORE_INDEX = data_lib.IGNORE_INDEX
@@ -97,39 +96,14 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config not mirrored by this script:\n  " + "\n  ".join(problems))
 
 
-def mit_config(config: ml_collections.ConfigDict) -> MiTConfig:
-    """Our encoder's architecture for ``config.model`` (variant table + config overrides)."""
-    fields = {f.name for f in dataclasses.fields(MiTConfig)}
-    variant = "mit_" + config.model.name.removeprefix("segformer_")
-    over = {
-        k: tuple(v) if isinstance(v, list | tuple) else v
-        for k, v in config.model.items()
-        if k in fields
-    }
-    return MiTConfig(**{**MIT_VARIANTS[variant], **over})
-
-
 def hf_config(config: ml_collections.ConfigDict) -> transformers.SegformerConfig:
-    """transformers' SegformerConfig with the architecture our ``config`` builds."""
-    mit = mit_config(config)
-    variant = config.model.name.removeprefix("segformer_")
-    width = config.model.get("head_width") or (256 if variant in ("b0", "b1") else 768)
-    return transformers.SegformerConfig(
-        num_labels=config.data.num_classes,
-        num_encoder_blocks=len(mit.depths),
-        hidden_sizes=list(mit.embed_dims),
-        depths=list(mit.depths),
-        num_attention_heads=list(mit.num_heads),
-        sr_ratios=list(mit.sr_ratios),
-        patch_sizes=list(mit.patch_sizes),
-        strides=list(mit.strides),
-        mlp_ratios=[mit.mlp_ratio] * len(mit.depths),
-        decoder_hidden_size=width,
-        drop_path_rate=mit.drop_path_rate,
-        classifier_dropout_prob=config.model.get("dropout", 0.1),
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        semantic_loss_ignore_index=IGNORE_INDEX,
+    """transformers' SegformerConfig with the encoder our ``config`` builds and the width
+    of our twin of transformers' head (``model.head="mlp"``)."""
+    encoder = nnx.eval_shape(lambda: factories.model_from_config(config)).encoder.config
+    model_fields = {k: v for k, v in config.model.items() if k in ModelConfig.field_names()}
+    width = ModelConfig(**(model_fields | {"head": "mlp"})).resolved_head_width(config.model.name)
+    return export.segformer_config(
+        encoder, width, config.data.num_classes, dropout=config.model.get("dropout", 0.1)
     )
 
 
@@ -223,7 +197,7 @@ def upsampled_cross_entropy(
 ) -> torch.Tensor:
     """CE of ``logits`` (B, N, h, w) bilinearly upsampled to ``labels`` (B, H, W), pixels
     ``IGNORE_INDEX`` left out, the sum divided by ``"all"`` pixels or the ``"labelled"`` ones
-    (``train_lib.upsampled_cross_entropy``)."""
+    (``losses.upsampled_cross_entropy``)."""
     logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     if average == "all":
@@ -299,11 +273,7 @@ def evaluate(model: nn.Module, config: ml_collections.ConfigDict, source) -> dic
             logits_fn,
             loader,
             num_classes=d.num_classes,
-            mode=e.mode,
-            crop=tuple(e.crop) if e.mode == "slide" else None,
-            stride=tuple(e.stride) if e.mode == "slide" else None,
-            ratios=tuple(e.ratios),
-            flip=e.flip,
+            settings=inference.Settings.from_config(config),
         )
 
 
@@ -346,7 +316,7 @@ def train_and_evaluate(
     losses: dict[int, float] = {}
     began = time.perf_counter()
     if start < last:
-        source = source_from_config(config, d.train_split)
+        source = factories.source_from_config(config, d.train_split)
         transform = data_lib.train_transform(
             tuple(d.crop_size), tuple(d.base_scale), tuple(d.ratio_range), d.cat_max_ratio
         )
@@ -365,7 +335,7 @@ def train_and_evaluate(
     summary: dict[str, Any] = {"step": max(start, last), "losses": losses, "seconds": seconds}
     if summary["step"] < total:
         return summary
-    source = source_from_config(config, d.eval_split)
+    source = factories.source_from_config(config, d.eval_split)
     result = evaluate(model, config, source)
     out = os.path.join(workdir, "eval", "report.json")
     report.write_report(

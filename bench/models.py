@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # cbp_jax
-from cbp_jax import model_stats, models, train_lib  # noqa: E402
-from cbp_jax.models import layers  # noqa: E402
+from cbp_jax import losses, model_stats, models, resize  # noqa: E402
+from cbp_jax.models import kernels  # noqa: E402
 
 PAPER = {
     "segformer_b5": "82.1 M / 75.6 (SegFormer-B5 + ours, Table 2)",
@@ -83,7 +83,7 @@ def _diff(a, b):
 
 
 def bench_dwconv(repeats, dtype=jnp.float32, shapes=None):
-    """``layers.depthwise_conv2d``: XLA's grouped conv against the sum of shifted slices."""
+    """``kernels.depthwise_conv2d``: XLA's grouped conv against the sum of shifted slices."""
     print(
         f"| depthwise conv, fwd+bwd, {jnp.dtype(dtype).name} | xla (ms) | shifted (ms) | "
         "max abs diff |"
@@ -99,7 +99,7 @@ def bench_dwconv(repeats, dtype=jnp.float32, shapes=None):
         for impl in ("xla", "shifted"):
 
             def loss(x, w, b, impl=impl, k=k):
-                y = layers.depthwise_conv2d(x, w, b, padding=k // 2, impl=impl)
+                y = kernels.depthwise_conv2d(x, w, b, padding=k // 2, impl=impl)
                 return jnp.sum(y.astype(jnp.float32) ** 2)
 
             res[impl] = _timed_grad(loss, x, w, b, repeats=repeats)
@@ -120,11 +120,11 @@ DENSE_CASES = (  # (input, k == stride, Cout): 1x1 fuse/laterals, MiT SR, ConvNe
 
 
 def bench_dense_convs(repeats, dtype=jnp.float32, cases=DENSE_CASES):
-    """``layers.conv2d``'s matmul forms (1x1 as an einsum, kernel == stride as an einsum over
+    """``kernels.conv2d``'s matmul forms (1x1 as an einsum, kernel == stride as an einsum over
     patches) against ``lax.conv_general_dilated`` on the same inputs, forward + backward."""
     print(
         f"| conv, fwd+bwd, {jnp.dtype(dtype).name} | conv_general_dilated (ms) | "
-        "layers.conv2d einsum (ms) | max abs diff |"
+        "kernels.conv2d einsum (ms) | max abs diff |"
     )
     print("|---|---|---|---|")
     rng = np.random.default_rng(0)
@@ -141,7 +141,7 @@ def bench_dense_convs(repeats, dtype=jnp.float32, cases=DENSE_CASES):
             return jnp.sum(y.astype(jnp.float32) ** 2)
 
         def loss_einsum(x, w, k=k):
-            return jnp.sum(layers.conv2d(x, w, stride=k).astype(jnp.float32) ** 2)
+            return jnp.sum(kernels.conv2d(x, w, stride=k).astype(jnp.float32) ** 2)
 
         t_xla, g_xla = _timed_grad(loss_xla, x, w, repeats=repeats)
         t_ein, g_ein = _timed_grad(loss_einsum, x, w, repeats=repeats)
@@ -155,7 +155,7 @@ def bench_dense_convs(repeats, dtype=jnp.float32, cases=DENSE_CASES):
 def _dense_resize(x, size, axes):
     """The resize as two dense (n_out, n_in) matrix products (the form before 2026-11-26)."""
     for axis, n_out in zip(axes, size, strict=True):
-        m = jnp.asarray(layers.bilinear_matrix(x.shape[axis], n_out), x.dtype)
+        m = jnp.asarray(resize.bilinear_matrix(x.shape[axis], n_out), x.dtype)
         x = jnp.moveaxis(jnp.tensordot(m, x, axes=(1, axis)), 0, axis)
     return x
 
@@ -170,14 +170,14 @@ RESIZE_CASES = (  # (input, size, axes, with gradient)
 
 
 def bench_resize(repeats, cases=RESIZE_CASES):
-    """``layers.resize_bilinear`` against the dense-matrix form, float32."""
+    """``resize.resize_bilinear`` against the dense-matrix form, float32."""
     print("| input -> size | pass | dense matrices (ms) | ours (ms) | max abs diff |")
     print("|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for shape, size, axes, grad in cases:
         x = jnp.asarray(rng.normal(size=shape), jnp.float32)
         res = {}
-        for name, fn in (("dense", _dense_resize), ("ours", layers.resize_bilinear)):
+        for name, fn in (("dense", _dense_resize), ("ours", resize.resize_bilinear)):
 
             def resized(x, fn=fn, size=size, axes=axes):
                 return fn(x, size, axes=axes)
@@ -204,9 +204,9 @@ CE_BANDS_MB = (None, 256, 64, 16, 4, 2)  # None: the whole image at once
 
 
 def bench_ce_bands(repeats, cases=CE_CASES, bands_mb=CE_BANDS_MB):
-    """``train_lib.upsampled_cross_entropy`` forward + backward, whole against bands of rows
+    """``losses.upsampled_cross_entropy`` forward + backward, whole against bands of rows
     of the float32 upsampled logits: time and the compiled temporaries."""
-    print(f"backend {jax.default_backend()}: default bands {train_lib.ce_band_bytes() >> 20} MB")
+    print(f"backend {jax.default_backend()}: default bands {losses.ce_band_bytes() >> 20} MB")
     print("| logits -> labels | bands (MB) | fwd+bwd (ms) | temporaries (MB) | max abs diff |")
     print("|---|---|---|---|---|")
     rng = np.random.default_rng(0)
@@ -221,7 +221,7 @@ def bench_ce_bands(repeats, cases=CE_CASES, bands_mb=CE_BANDS_MB):
             band_bytes = 1 << 62 if mb is None else mb << 20
 
             def loss(z, labels=labels, band_bytes=band_bytes):
-                return train_lib.upsampled_cross_entropy(z, labels, band_bytes=band_bytes)
+                return losses.upsampled_cross_entropy(z, labels, band_bytes=band_bytes)
 
             f = jax.jit(jax.value_and_grad(loss))
             temps = f.lower(logits).compile().memory_analysis().temp_size_in_bytes / 2**20

@@ -57,8 +57,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from cbp_jax import sharding, train_lib  # noqa: E402
-from cbp_jax.trainer import model_from_config  # noqa: E402
+from cbp_jax import losses, sharding, train_lib  # noqa: E402
+from cbp_jax.factories import model_from_config  # noqa: E402
 from configs import common  # noqa: E402
 
 CONVNEXT = {  # transformers ConvNextConfig fields (and UperNet's auxiliary input width)
@@ -108,7 +108,7 @@ class JaxVariant:
         state_shardings = sharding.state_shardings(state, (), mesh)  # replicated
         self.state = jax.device_put(state, state_shardings)
         batch_sharding = sharding.batch_sharding(mesh)
-        loss_cfg = train_lib.LossConfig.from_config(config)
+        loss_cfg = losses.LossConfig.from_config(config)
         self.step_fn = jax.jit(
             train_lib.make_train_step(self.graphdef, tx, loss_cfg),
             in_shardings=(state_shardings, batch_sharding),
@@ -365,7 +365,7 @@ def memory_report(
                 lambda c=config, tx=tx: train_lib.init_state(model_from_config(c), tx)
             )
             step = jax.jit(
-                train_lib.make_train_step(graphdef, tx, train_lib.LossConfig.from_config(config)),
+                train_lib.make_train_step(graphdef, tx, losses.LossConfig.from_config(config)),
                 donate_argnums=0,
             )
             batch_ = {

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+from etils import epath
 
 from cbp_jax.sharding import path_name
 
@@ -33,14 +34,17 @@ def keys_as_data(tree):
 
 
 def keys_from_data(raw, like):
-    """Inverse of :func:`keys_as_data`: re-wraps key data where ``like`` holds typed keys."""
-    return jax.tree.map(
-        lambda r, x: (
-            jax.random.wrap_key_data(r, impl=jax.random.key_impl(x)) if is_prng_key(x) else r
-        ),
-        raw,
-        like,
-    )
+    """Inverse of :func:`keys_as_data`: re-wraps key data where ``like`` holds typed keys
+    (arrays keep their key implementation; shape structs get JAX's default one, which is
+    what ``nnx.Rngs`` draws)."""
+
+    def wrap(r, x):
+        if not is_prng_key(x):
+            return r
+        impl = jax.random.key_impl(x) if isinstance(x, jax.Array) else None
+        return jax.random.wrap_key_data(r, impl=impl)
+
+    return jax.tree.map(wrap, raw, like)
 
 
 def flatten_state(tree) -> dict[str, Any]:
@@ -75,6 +79,10 @@ def unflatten_state(flat: dict[str, Any], target):
         jax.tree_util.tree_structure(target), [flat[n] for n in names]
     )
     return keys_from_data(raw, target)
+
+
+CHECKPOINTS_NAME = "checkpoints"  # the folder inside a workdir
+STATE_ITEM = "state"  # the train state's item in a checkpoint step
 
 
 class CheckpointSaveError(RuntimeError):
@@ -318,3 +326,34 @@ class Checkpointer:
             self.manager.close()
             for name in _NOISY_LOGGERS:
                 logging.getLogger(name).removeFilter(self._noise_filter)
+
+
+def restore_subset(directory: str, step: int, target):
+    """The entries of ``target`` (a part of the saved train state, e.g. its ``{"params",
+    "model_state"}``) from checkpoint ``step`` in ``directory``, laid out as ``target``
+    (arrays or ``jax.ShapeDtypeStruct`` with shardings). Reads nothing else (no optimizer
+    state, no data-iterator state) and writes nothing.
+
+    Raises:
+      CheckpointLayoutError: the checkpoint lacks entries of ``target``.
+    """
+    path = os.path.join(os.path.abspath(directory), str(step), STATE_ITEM)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        saved = set(ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree)
+        missing = sorted(set(_flat_names(target)) - saved)
+        if missing:
+            raise CheckpointLayoutError(
+                f"The checkpoint {os.path.dirname(path)} lacks {len(missing)} entries of the "
+                f"model this config builds (e.g. {missing[:3]}): it was written by another "
+                "model configuration. Pass the config the run was trained with."
+            )
+        abstract = _abstract_flat(target)
+        restored = checkpointer.restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+                abstract,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=True,
+            ),
+        )
+    return unflatten_state(dict(restored), target)

@@ -1,9 +1,8 @@
 """CPU hosts: one JAX device per core, so that data parallelism keeps every core busy.
 
-XLA:CPU runs one program on one device with only part of its ops split over threads (on 2
-cores a SegFormer-B0 step kept 1.2 cores busy on average). Splitting the host into one
-device per core and sharding the batch over them, as on GPUs, took the step from 1.32 s to
-1.16 s and inference from 0.25 s to 0.23 s (docs/benchmarks.md). Same numbers: BatchNorm
+XLA:CPU runs one program on one device with only part of its ops split over threads.
+Splitting the host into one device per core and sharding the batch over them, as on GPUs,
+keeps the cores busier in training and inference (docs/benchmarks.md). Same numbers: BatchNorm
 statistics and OCCL centroids are global over the sharded batch. This module imports
 nothing heavy: call :func:`use_cores_as_devices` before JAX is imported. On GPU/TPU hosts
 it only adds CPU devices that go unused.

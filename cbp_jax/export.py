@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbp_jax import train_lib, weights
+from cbp_jax import resize, train_lib, weights
 from cbp_jax.data.transforms import MEAN, STD
-from cbp_jax.models.layers import resize_bilinear
 from cbp_jax.predict import Segmenter
 
 HF_LAYER_NORM_EPS = 1e-5  # transformers' SegFormer ignores config.layer_norm_eps
@@ -56,7 +55,7 @@ def serving_fn(segmenter: Segmenter, size_hw: tuple[int, int]):
 
     def serve(images: jax.Array) -> jax.Array:
         x = (images.astype(jnp.float32) - mean) * inv_std
-        return resize_bilinear(predict(state, x), size_hw)
+        return resize.resize_bilinear(predict(state, x), size_hw)
 
     return serve
 
@@ -146,30 +145,51 @@ def check_hf_exportable(config) -> None:
         raise ValueError("Cannot export to transformers: " + "; ".join(problems) + ".")
 
 
-def hf_config(segmenter: Segmenter):
-    """The ``transformers.SegformerConfig`` of the segmenter's model."""
+def segformer_config(
+    encoder,
+    head_width: int,
+    num_classes: int,
+    *,
+    class_names: Sequence[str] | None = None,
+    dropout: float = 0.1,
+):
+    """``transformers.SegformerConfig`` of our MiT ``encoder`` config (``MiTConfig``) under
+    transformers' all-MLP head of ``head_width`` channels."""
     import transformers
 
-    model = segmenter.model()
-    enc = model.encoder.config
-    names = segmenter.class_names
+    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     return transformers.SegformerConfig(
-        num_channels=enc.in_channels,
-        num_encoder_blocks=len(enc.depths),
-        depths=list(enc.depths),
-        sr_ratios=list(enc.sr_ratios),
-        hidden_sizes=list(enc.embed_dims),
-        patch_sizes=list(enc.patch_sizes),
-        strides=list(enc.strides),
-        num_attention_heads=list(enc.num_heads),
-        mlp_ratios=[enc.mlp_ratio] * len(enc.depths),
+        num_channels=encoder.in_channels,
+        num_encoder_blocks=len(encoder.depths),
+        depths=list(encoder.depths),
+        sr_ratios=list(encoder.sr_ratios),
+        hidden_sizes=list(encoder.embed_dims),
+        patch_sizes=list(encoder.patch_sizes),
+        strides=list(encoder.strides),
+        num_attention_heads=list(encoder.num_heads),
+        mlp_ratios=[encoder.mlp_ratio] * len(encoder.depths),
         hidden_act="gelu",
-        decoder_hidden_size=model.head.width,
+        decoder_hidden_size=head_width,
+        drop_path_rate=encoder.drop_path_rate,
+        classifier_dropout_prob=dropout,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
         layer_norm_eps=HF_LAYER_NORM_EPS,
         semantic_loss_ignore_index=255,
-        num_labels=segmenter.num_classes,
+        num_labels=num_classes,
         id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)},
+    )
+
+
+def hf_config(segmenter: Segmenter):
+    """The ``transformers.SegformerConfig`` of the segmenter's model."""
+    model = segmenter.model()
+    return segformer_config(
+        model.encoder.config,
+        model.head.width,
+        segmenter.num_classes,
+        class_names=segmenter.class_names,
     )
 
 

@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 
 from cbp_jax.metrics import class_names_or_indices, valid_label_mask
-from cbp_jax.report import colorize
 
 DPI = 100
 COSINE_CMAP = "RdBu_r"  # blue -1, white 0, red +1
@@ -26,6 +25,15 @@ MAX_LEGEND_ENTRIES = 24
 
 
 # ----------------------------------------------------------------------------- rendering
+
+
+def colorize(label: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """(H, W) class map -> (H, W, 3) uint8; ignored and out-of-range pixels are black."""
+    label = np.asarray(label)
+    valid = valid_label_mask(label, len(palette), ignore_index)
+    out = np.zeros((*label.shape, 3), np.uint8)
+    out[valid] = palette[label[valid]]
+    return out
 
 
 def _figure(width: float, height: float):

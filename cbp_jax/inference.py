@@ -28,16 +28,18 @@ the small resize jits once per (input, output) shape pair.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cbp_jax import resize
 from cbp_jax.data.transforms import aligned_size, rescale_size
-from cbp_jax.models import layers
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -86,12 +88,58 @@ def eval_resize_sizes(
 
 # Bilinear resize like PyTorch ``F.interpolate(..., align_corners=False)`` and OpenCV
 # ``INTER_LINEAR`` (half-pixel centres, no antialiasing), one compile per (shape, size).
-resize_bilinear = jax.jit(layers.resize_bilinear, static_argnames=("size",))
+resize_bilinear = jax.jit(resize.resize_bilinear, static_argnames=("size",))
 
 
 # ---------------------------------------------------------------------------------------------
 # Inference
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How :func:`inference` runs: the keyword arguments it takes besides the images.
+
+    Built from a run's ``config.eval`` by :meth:`from_config`, and checked when built, so a
+    bad value stops a run before anything compiles. ``dataclasses.asdict(settings)`` gives
+    :func:`inference`'s keywords.
+    """
+
+    mode: str = "whole"
+    crop: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    scale: tuple[int, int] | None = None
+    aligned: bool = False
+    size_divisor: int = 32
+    ratios: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    window_batch: int = 1
+    pad_windows: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ("whole", "slide"):
+            raise ValueError(f"mode must be 'whole' or 'slide', got {self.mode!r}.")
+        if self.mode == "slide" and (self.crop is None or self.stride is None):
+            raise ValueError("mode='slide' needs crop and stride, e.g. crop=512, stride=341.")
+        if not self.ratios:
+            raise ValueError("ratios must hold at least one ratio, e.g. (1.0,).")
+        bad = [r for r in self.ratios if not float(r) > 0]
+        if bad:
+            raise ValueError(f"ratios must be positive, got {tuple(self.ratios)}.")
+
+    @classmethod
+    def from_config(cls, config: Any) -> Settings:
+        """The settings of ``config.eval`` (mode, slide crop and stride, ratios, flip); the
+        test resize itself is the data pipeline's (``config.data.test_scale``)."""
+        e = config.eval
+        slide = e.mode == "slide"
+        return cls(
+            mode=e.mode,
+            crop=tuple(e.crop) if slide else None,
+            stride=tuple(e.stride) if slide else None,
+            ratios=tuple(float(r) for r in e.ratios),
+            flip=bool(e.flip),
+        )
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:

@@ -15,6 +15,7 @@ device (the first, or ``device``); the model compiles once per input size and is
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from cbp_jax import data as data_lib
-from cbp_jax import eval_lib, inference, report, sharding, train_lib
+from cbp_jax import factories, figures, inference, report, train_lib
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -48,7 +49,8 @@ class Segmenter:
     def __init__(self, config: ml_collections.ConfigDict, state: dict, device=None):
         self.config = config
         self.device = device or jax.devices()[0]
-        self.graphdef = eval_lib.eval_graphdef(config)
+        self.graphdef = factories.eval_graphdef(config)
+        self.settings = inference.Settings.from_config(config)
         self.state = jax.device_put({k: state[k] for k in ("params", "model_state")}, self.device)
         self.num_classes = int(config.data.num_classes)
         self.transform = data_lib.test_transform(
@@ -76,19 +78,7 @@ class Segmenter:
           FileNotFoundError: no such workdir, checkpoint or step (the message lists them).
           workdir.ConfigMismatchError: ``config`` builds another model than the workdir's.
         """
-        from cbp_jax import checkpointing
-        from cbp_jax import workdir as workdir_lib
-
-        workdir_lib.check_evaluable(workdir, config, step)
-        setup, state = _fresh_state(config)
-        checkpointer = checkpointing.Checkpointer(
-            os.path.join(workdir, "checkpoints"), every=1, async_save=False
-        )
-        try:
-            step = checkpointer.latest_step() if step is None else step
-            state, _ = checkpointer.restore(step, state)
-        finally:
-            checkpointer.close()
+        step, state = factories.restore(config, workdir, step)
         segmenter = cls(config, state, **kwargs)
         segmenter.loaded_from = f"{os.path.abspath(workdir)} step {step}"
         return segmenter
@@ -101,24 +91,24 @@ class Segmenter:
           ValueError: the file does not match the model, or holds no decode head (an
             encoder-only pretraining checkpoint cannot segment: train from it first).
         """
-        from flax import nnx
-
-        from cbp_jax import weights
-
-        setup, state = _fresh_state(config)
-        model = nnx.merge(setup.graphdef, state["params"], state["model_state"])
-        loaded = weights.load_pretrained(
-            model, path, trust_pickle=config.get("trust_pickle", False), verbose=False
+        mesh = factories.single_device_mesh()
+        fresh = factories.init_model_state(config, mesh)
+        state, loaded = factories.load_weights(
+            factories.train_graphdef(config),
+            fresh,
+            path,
+            factories.model_shardings(config, mesh),
+            trust_pickle=config.get("trust_pickle", False),
+            verbose=False,
         )
-        fresh = sorted(set(loaded.fresh) & {"head", "classifier"})
-        if fresh:
+        missing = sorted(set(loaded.fresh) & {"head", "classifier"})
+        if missing:
             raise ValueError(
-                f"{path} has no weights for the model's {' and '.join(fresh)} (an encoder-only "
-                "checkpoint?): it cannot segment as it is. Train from it (python train.py "
-                f"--config ... --config.init_from={path}) and predict with --workdir."
+                f"{path} has no weights for the model's {' and '.join(missing)} (an "
+                "encoder-only checkpoint?): it cannot segment as it is. Train from it (python "
+                f"train.py --config ... --config.init_from={path}) and predict with --workdir."
             )
-        _, params, model_state = train_lib.split_model(model)
-        segmenter = cls(config, {"params": params, "model_state": model_state}, **kwargs)
+        segmenter = cls(config, state, **kwargs)
         segmenter.loaded_from = loaded.path
         return segmenter
 
@@ -161,18 +151,12 @@ class Segmenter:
                 "np.asarray(PIL.Image.open(path).convert('RGB'))."
             )
         x = np.stack([self.transform({"image": im, "label": None})["image"] for im in batch])
-        e = self.config.eval
-        slide = e.mode == "slide"
         scores = inference.inference(
             lambda v: self._predict(self.state, v),
             jax.device_put(x, self.device),
             out_size=batch.shape[1:3],
-            mode=e.mode,
-            crop=tuple(e.crop) if slide else None,
-            stride=tuple(e.stride) if slide else None,
-            ratios=tuple(e.ratios),
-            flip=e.flip,
             num_classes=self.num_classes,
+            **dataclasses.asdict(self.settings),
         )
         return scores[0] if single else scores
 
@@ -184,16 +168,6 @@ def _dataset_info(config) -> data_lib.DatasetInfo | None:
     except ValueError:
         return None
     return info if info.num_classes == config.data.num_classes else None
-
-
-def _fresh_state(config):
-    """``(setup, state)``: a fresh train state on one device, the target restores fill."""
-    from cbp_jax import trainer  # the run's factories
-
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-    with jax.set_mesh(mesh):
-        setup = trainer.Setup(config, mesh)
-        return setup, setup.init_state()
 
 
 # ----------------------------------------------------------------------------- files
@@ -276,7 +250,7 @@ def overlay(
     image: np.ndarray, classes: np.ndarray, palette: np.ndarray, alpha: float
 ) -> np.ndarray:
     """uint8 (H, W, 3): ``(1 - alpha) * image + alpha * colour of the class``."""
-    colour = report.colorize(classes, palette).astype(np.float32)
+    colour = figures.colorize(classes, palette).astype(np.float32)
     return np.rint((1 - alpha) * image.astype(np.float32) + alpha * colour).astype(np.uint8)
 
 
@@ -389,33 +363,42 @@ def predict_files(
         summary["written"].append(overlay_path)
         summary["images"] += 1
     for _, path, name in [it for it in items if it[0] == "video"]:
-        frames, fps, count = read_video(path)
-        writer, index = None, 0
-        bar = tqdm(
-            total=count or None, desc=os.path.basename(path), unit="frame", disable=not progress
+        frames, video_path = _predict_video(
+            segmenter, path, name, save, out_dir, batch_size, progress
         )
-        try:
-            for chunk in _chunks(frames, batch_size):
-                batch = np.stack(chunk)
-                for frame, classes in zip(batch, segmenter(batch), strict=True):
-                    shown = save(classes, frame, os.path.join(name, f"frame_{index:06d}"))
-                    if writer is None:
-                        writer = VideoWriter(
-                            os.path.join(out_dir, name + "_overlay.mp4"), fps, frame.shape[:2]
-                        )
-                    writer.write(shown)
-                    index += 1
-                bar.update(len(chunk))
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-        if index == 0:
-            raise InputError(f"cannot read the video {path}: it has no readable frame.")
-        summary["written"].append(writer.path)
+        summary["written"].append(video_path)
         summary["videos"] += 1
-        summary["frames"] += index
+        summary["frames"] += frames
     return summary
+
+
+def _predict_video(segmenter, path, name, save, out_dir, batch_size, progress) -> tuple[int, str]:
+    """Segments a video ``batch_size`` frames per call, saving each frame's labels through
+    ``save`` and the overlays as ``<out>/<name>_overlay.mp4``; returns (frames, its path)."""
+    from tqdm.auto import tqdm
+
+    frames, fps, count = read_video(path)
+    writer, index = None, 0
+    bar = tqdm(total=count or None, desc=os.path.basename(path), unit="frame", disable=not progress)
+    try:
+        for chunk in _chunks(frames, batch_size):
+            batch = np.stack(chunk)
+            for frame, classes in zip(batch, segmenter(batch), strict=True):
+                shown = save(classes, frame, os.path.join(name, f"frame_{index:06d}"))
+                if writer is None:
+                    writer = VideoWriter(
+                        os.path.join(out_dir, name + "_overlay.mp4"), fps, frame.shape[:2]
+                    )
+                writer.write(shown)
+                index += 1
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    if index == 0:
+        raise InputError(f"cannot read the video {path}: it has no readable frame.")
+    return index, writer.path
 
 
 def _chunks(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:

@@ -1,7 +1,8 @@
-"""Reports and the paper's analyses: JSON report, label colours, the prototype cosine
-matrix (Fig. 6), class separability (Eq. 8) and F1 by class-frequency groups (Fig. 5).
+"""Reports and the paper's analyses: the JSON report, the prototype cosine matrix (Fig. 6),
+class separability (Eq. 8), F1 by class-frequency groups (Fig. 5), and
+:func:`write_evaluation`, which writes an evaluation's report and figures.
 
-Host-side NumPy; nothing here runs on the mesh. ``cbp_jax.figures`` draws them.
+Host-side NumPy; nothing here runs on the mesh. ``cbp_jax.figures`` draws the figures.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbp_jax import figures
 from cbp_jax import prototypes as prototypes_lib
 from cbp_jax.data.transforms import MEAN, STD
 from cbp_jax.metrics import class_names_or_indices, nanmean, valid_label_mask
@@ -88,15 +90,6 @@ def default_palette(num_classes: int) -> np.ndarray:
             c >>= 3
         pal[i] = (r, g, b)
     return pal
-
-
-def colorize(label: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
-    """(H, W) class map -> (H, W, 3) uint8; ignored and out-of-range pixels are black."""
-    label = np.asarray(label)
-    valid = valid_label_mask(label, len(palette), ignore_index)
-    out = np.zeros((*label.shape, 3), np.uint8)
-    out[valid] = palette[label[valid]]
-    return out
 
 
 def denormalize(
@@ -195,3 +188,71 @@ def f1_by_frequency_groups(
             }
         )
     return groups
+
+
+def write_evaluation(
+    out_dir: str,
+    result: dict[str, Any],
+    *,
+    class_names: Sequence[str],
+    model_title: str,
+    eval_split: str,
+    compare_weights: np.ndarray | None = None,
+    compare_name: str = "learned",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Writes an evaluation to ``out_dir``: ``report.json``, ``prototype_cosine.png``
+    (Fig. 6; with ``compare_weights`` also ``prototype_cosine_pair.png``) and
+    ``f1_by_frequency.png`` (Fig. 5).
+
+    Args:
+      result: the evaluation's metrics with ``class_weights`` (N, C), ``prototype_analysis``
+        and ``f1_by_frequency_groups`` (``eval_lib.Evaluator`` returns them).
+      class_names: N names.
+      model_title: the classifier's name in the titles (e.g. "CBP").
+      eval_split: the evaluated split, named in Fig. 5's title and the report.
+      compare_weights: (N, C) rows of another classifier of the same classes (e.g. a learned
+        baseline's), drawn beside this one.
+      compare_name: the title of ``compare_weights``' heatmap.
+      extra: more entries for the report's ``extra``.
+
+    Returns:
+      The figures as ``{file name without .png: (H, W, 3) uint8}``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    analysis, groups = result["prototype_analysis"], result["f1_by_frequency_groups"]
+    cos = cosine_similarity_matrix(result["class_weights"])
+    drawn = {
+        "prototype_cosine": figures.cosine_heatmap(
+            cos,
+            class_names,
+            title=f"Cosine similarity of the {model_title} classifier's class weights",
+            class_separability=analysis["class_separability"],
+            path=os.path.join(out_dir, "prototype_cosine.png"),
+        ),
+        "f1_by_frequency": figures.f1_by_frequency(
+            {model_title: groups},
+            title=f"Mean F1 by class frequency on {eval_split} (Fig. 5)",
+            path=os.path.join(out_dir, "f1_by_frequency.png"),
+        ),
+    }
+    if compare_weights is not None:
+        drawn["prototype_cosine_pair"] = figures.cosine_heatmap_pair(
+            cosine_similarity_matrix(compare_weights),
+            cos,
+            class_names,
+            titles=(compare_name, model_title),
+            path=os.path.join(out_dir, "prototype_cosine_pair.png"),
+        )
+    write_report(
+        os.path.join(out_dir, "report.json"),
+        result,
+        class_names,
+        extra={
+            "prototype_analysis": analysis,
+            "f1_by_frequency_groups": groups,
+            "frequency_groups_counted_on": eval_split,
+            **(extra or {}),
+        },
+    )
+    return drawn

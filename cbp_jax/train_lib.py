@@ -7,8 +7,6 @@ statistics, dropout RNG counters, frozen prototypes). The model's graph definiti
 and closed over by the step functions.
 """
 
-import dataclasses
-import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cbp_jax import losses
-from cbp_jax.models.layers import bilinear_taps, resize_bilinear
+from cbp_jax import classifier, losses
 from cbp_jax.sharding import path_name
 
 State = dict[str, Any]
@@ -174,43 +171,6 @@ def current_lr(opt_state) -> jax.Array:
 # ----------------------------------------------------------------------------- state
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """What the train step computes (static)."""
-
-    num_classes: int
-    occl: bool = True
-    tau: float = 0.07
-    centroid_weight: float = 1.0
-    category_weight: float = 0.1
-    views: str = "batch_halves"
-    aux_weight: float = 0.4
-    ce_average: str = "all"  # "all" pixels (mmseg's default) | "labelled" ones
-    ignore_index: int = 255
-    seed: int = 0  # for views="random_pixels"
-
-    def __post_init__(self):
-        if self.ce_average not in losses.CE_AVERAGES:
-            raise ValueError(
-                f"config.loss.ce_average={self.ce_average!r}; use one of {losses.CE_AVERAGES}."
-            )
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
-        loss = config.loss
-        return cls(
-            num_classes=config.data.num_classes,
-            occl=loss.occl,
-            tau=loss.tau,
-            centroid_weight=loss.centroid_weight,
-            category_weight=loss.category_weight,
-            views=loss.views,
-            aux_weight=loss.aux_weight,
-            ce_average=loss.ce_average,
-            seed=config.seed,
-        )
-
-
 def split_model(model: nnx.Module):
     """``(graphdef, params, model_state)``: params are ``nnx.Param``, the rest everything else."""
     return nnx.split(model, nnx.Param, ...)
@@ -229,132 +189,6 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> State:
 
 
 # ----------------------------------------------------------------------------- steps
-
-
-def ce_band_bytes(backend: str | None = None) -> int:
-    """The most float32 upsampled logits :func:`upsampled_cross_entropy` makes at once.
-
-    On CPU, bands of 2-4 MB stay in cache: ``python bench/models.py --ce-bands`` measured
-    the (2, 128, 128, 150) -> 512x512 CE (forward and backward) at 294 ms in 4 MB bands
-    against 542 ms whole, and batch 8 at 256x256 with 11 classes at 16 against 36 ms
-    (docs/benchmarks.md, change 12). Elsewhere each band is a few kernel launches, so bands
-    only bound the memory (not measured on an accelerator).
-    """
-    return 4 * 2**20 if (backend or jax.default_backend()) == "cpu" else 256 * 2**20
-
-
-def upsampled_cross_entropy(
-    logits: jax.Array,
-    labels: jax.Array,
-    ignore_index: int = 255,
-    average: str = "all",
-    band_bytes: int | None = None,
-) -> jax.Array:
-    """Pixel CE of ``logits`` (B, h, w, N) bilinearly upsampled to ``labels`` (B, H, W),
-    averaged as :func:`cbp_jax.losses.pixel_cross_entropy` says for ``average``.
-
-    mmseg's order (resize the logits, then the loss), computed channels-first so that the
-    resize and the softmax run along contiguous pixel rows instead of N-wide class vectors.
-    Where the float32 upsampled logits would exceed ``band_bytes`` (default
-    :func:`ce_band_bytes`) they are made a band of rows at a time (:func:`_banded_nll_sum`),
-    so that neither pass holds them, or their gradient, whole: for SegFormer-B5's batch of 2
-    at 512x512 with 150 classes that is 300 MB each (docs/benchmarks.md, change 12).
-    """
-    logits = jnp.moveaxis(logits, -1, 1)  # (B, N, h, w)
-    b, n, h, _ = logits.shape
-    height, width = labels.shape[1:3]
-    band_bytes = ce_band_bytes() if band_bytes is None else band_bytes
-    rows = max(1, band_bytes // (b * n * width * 4))
-    if rows >= height:
-        logits = resize_bilinear(logits, (height, width), axes=(2, 3))
-        return losses.pixel_cross_entropy(logits, labels, ignore_index, average=average, axis=1)
-    bands = -(-height // rows)
-    pad = bands * rows - height  # rows past the image: labelled ignore_index, so not scored
-    lo, hi, frac = (np.pad(t, (0, pad)).reshape(bands, rows) for t in bilinear_taps(h, height))
-    band_labels = jnp.pad(labels, ((0, 0), (0, pad), (0, 0)), constant_values=ignore_index)
-    band_labels = jnp.moveaxis(band_labels.reshape(b, bands, rows, width), 1, 0)
-    band_taps = (jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(frac, jnp.float32))
-    total = _banded_nll_sum(logits, band_taps, band_labels, ignore_index)
-    return total / losses.ce_denominator(labels, ignore_index, average)
-
-
-def _band_nll_sum(logits, taps, labels, ignore_index):
-    """NLL summed over one band: ``logits`` (B, N, h, w) upsampled at the band's R output
-    rows, whose source rows and weights are ``taps`` = (lo, hi, frac), each (R,), and
-    scored on ``labels`` (B, R, W)."""
-    lo, hi, frac = taps
-    frac = frac[:, None].astype(logits.dtype)
-    band = jnp.take(logits, lo, axis=2) * (1 - frac) + jnp.take(logits, hi, axis=2) * frac
-    band = resize_bilinear(band, labels.shape[1:], axes=(2, 3))  # W only: the rows are made
-    return losses.labelled_nll_sum(band, labels, ignore_index, axis=1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _banded_nll_sum(logits, band_taps, band_labels, ignore_index):
-    """The NLL summed band by band (a scan over the leading axis of ``band_taps`` and
-    ``band_labels``). Each band's gradient is taken in the same loop step, while its
-    upsampled logits exist, and summed into a (B, N, h, w) gradient that is the only
-    residual: no band is made twice, none outlives its step. (A call without a gradient
-    does that work too; only the train step's loss calls it.)"""
-    return _banded_nll_sum_fwd(logits, band_taps, band_labels, ignore_index)[0]
-
-
-def _banded_nll_sum_fwd(logits, band_taps, band_labels, ignore_index):
-    def step(grad, band):
-        taps, labels = band
-        nll_sum, vjp = jax.vjp(lambda z: _band_nll_sum(z, taps, labels, ignore_index), logits)
-        (band_grad,) = vjp(jnp.ones_like(nll_sum))
-        return grad + band_grad.astype(jnp.float32), nll_sum
-
-    grad0 = jnp.zeros_like(logits, jnp.float32)  # sharded as the logits, also explicitly
-    grad, sums = jax.lax.scan(step, grad0, (band_taps, band_labels))
-    return jnp.sum(sums), grad.astype(logits.dtype)
-
-
-def _banded_nll_sum_bwd(ignore_index, grad, g):
-    return (g * grad).astype(grad.dtype), None, None
-
-
-_banded_nll_sum.defvjp(_banded_nll_sum_fwd, _banded_nll_sum_bwd)
-
-
-def segmentation_loss(
-    out: dict[str, jax.Array],
-    labels: jax.Array,
-    prototypes: jax.Array,
-    cfg: LossConfig,
-    key: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Eq. 7: pixel CE on upsampled logits + OCCL on the head features (+ auxiliary CE).
-
-    Args:
-      out: the segmentor's output (``logits``, ``features``, optional ``aux_logits``).
-      labels: ``(B, H, W)`` int32 at the input resolution.
-      prototypes: ``(N, C)`` the classifier's class weights (targets of OCCL's category term).
-      key: PRNG key for ``views="random_pixels"``.
-    """
-    ce = upsampled_cross_entropy(out["logits"], labels, cfg.ignore_index, cfg.ce_average)
-    metrics = {"ce": ce}
-    total = ce
-    if cfg.occl:
-        features = out["features"]
-        small = losses.nearest_downsample(labels, features.shape[1:3])
-        terms = losses.occl_terms(
-            features,
-            small,
-            prototypes,
-            tau=cfg.tau,
-            views=cfg.views,
-            ignore_index=cfg.ignore_index,
-            key=key,
-        )
-        total += cfg.centroid_weight * terms.centroid + cfg.category_weight * terms.category
-        metrics |= {"occl_centroid": terms.centroid, "occl_category": terms.category}
-    if "aux_logits" in out:
-        aux = upsampled_cross_entropy(out["aux_logits"], labels, cfg.ignore_index, cfg.ce_average)
-        total += cfg.aux_weight * aux
-        metrics["aux_ce"] = aux
-    return total, metrics
 
 
 def _global_norm(tree) -> jax.Array:
@@ -379,7 +213,7 @@ def keep_if_finite(finite: jax.Array, new, old):
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: LossConfig
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: losses.LossConfig
 ) -> Callable[[State, dict[str, jax.Array]], tuple[State, dict[str, jax.Array]]]:
     """``train_step(state, batch) -> (state, metrics)``, to be wrapped in ``jax.jit``.
 
@@ -399,7 +233,7 @@ def make_train_step(
 
         def loss_fn(model):
             out = model(images, train=True)
-            loss, metrics = segmentation_loss(
+            loss, metrics = losses.segmentation_loss(
                 out, labels, model.classifier.class_weights(), cfg, key
             )
             loss += model.classifier.orthogonality_loss()
@@ -410,12 +244,9 @@ def make_train_step(
         (loss, (metrics, features)), grads = grad_fn(model)  # BatchNorm statistics updated
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         nnx.update(model, optax.apply_updates(state["params"], updates))
-        if model.classifier.update == "ema":
-            small = losses.nearest_downsample(labels, features.shape[1:3])
-            centroids, present = losses.category_centroids(features, small, cfg.num_classes)
-            model.classifier.ema_update(centroids, present)
-        if model.classifier.update == "penalty":
-            model.classifier.reequalize()
+        classifier.update_prototypes(
+            model.classifier, features, labels, ignore_index=cfg.ignore_index
+        )
         _, params, model_state = split_model(model)
 
         new_state = {

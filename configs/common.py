@@ -6,7 +6,31 @@ Each experiment file in this folder is one row of the paper; it starts from
 
 import ml_collections
 
+from cbp_jax.losses import LossConfig
+from cbp_jax.models import ModelConfig
+
 VARIANTS = ("smoke", "baseline")
+
+
+# The ModelConfig / LossConfig fields an experiment config carries (with their defaults).
+_MODEL_FIELDS = (
+    "classifier",
+    "cbp_length",
+    "cbp_update",
+    "cbp_init",
+    "cbp_normalize_features",
+    "cbp_ema_momentum",
+    "cbp_penalty_weight",
+)
+_LOSS_FIELDS = (
+    "occl",
+    "tau",
+    "centroid_weight",
+    "category_weight",
+    "views",
+    "aux_weight",
+    "ce_average",
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -21,13 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
     # model: `name` + overrides of cbp_jax.models.create
     c.model = ml_collections.ConfigDict()
     c.model.name = "segformer_b0"
-    c.model.classifier = "cbp"  # "cbp" (frozen prototypes) | "linear" (learned baseline)
-    c.model.cbp_length = 1.0  # T (Table 9)
-    c.model.cbp_update = "frozen"  # "frozen" | "gradient" | "ema" | "penalty" (Table 4)
-    c.model.cbp_init = "equal_ortho"  # "equal_ortho" | "ortho" | "equal" (Table 5)
-    c.model.cbp_normalize_features = False
-    c.model.cbp_ema_momentum = 0.99
-    c.model.cbp_penalty_weight = 0.01
+    # classifier: "cbp" (frozen prototypes) | "linear" (learned baseline); cbp_length: T
+    # (Table 9); cbp_update: "frozen" | "gradient" | "ema" | "penalty" (Table 4); cbp_init:
+    # "equal_ortho" | "ortho" | "equal" (Table 5). Defaults: cbp_jax.models.ModelConfig.
+    for name in _MODEL_FIELDS:
+        c.model[name] = getattr(ModelConfig, name)
     c.model.drop_path_rate = 0.1
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
     c.model.remat = False  # recompute encoder block activations in the backward (GPU/TPU)
@@ -51,16 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.scenes_num_images = 0  # "scenes" only: images per split (0: its default)
 
     # loss (Eq. 7)
-    c.loss = ml_collections.ConfigDict()
-    c.loss.occl = True
-    c.loss.tau = 0.07
-    c.loss.centroid_weight = 1.0  # lambda
-    c.loss.category_weight = 0.1  # phi
-    c.loss.views = "batch_halves"  # "batch_halves" | "random_pixels"
-    c.loss.aux_weight = 0.4  # UperNet's auxiliary FCN head
-    # CE divided by "all" pixels of the batch, ignored ones included (mmseg's default,
-    # avg_non_ignore=False, which the paper trained with) or by the "labelled" ones.
-    c.loss.ce_average = "all"
+    # occl; tau; centroid_weight: lambda; category_weight: phi; views: "batch_halves" |
+    # "random_pixels"; aux_weight: the auxiliary FCN head's CE; ce_average: the CE divided by
+    # "all" pixels of the batch, ignored ones included (mmseg's default, avg_non_ignore=False,
+    # which the paper trained with) or by the "labelled" ones. Defaults: losses.LossConfig.
+    c.loss = ml_collections.ConfigDict({name: getattr(LossConfig, name) for name in _LOSS_FIELDS})
 
     # optimizer and schedule (mmseg SegFormer recipe)
     c.optimizer = ml_collections.ConfigDict()

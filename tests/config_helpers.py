@@ -21,3 +21,15 @@ def load_config(name: str, arg: str | None = "smoke"):
 def load_bench(name: str):
     """The script ``bench/<name>.py`` as a module (bench/ is not a package)."""
     return _load_module(name, os.path.join(ROOT, "bench", f"{name}.py"))
+
+
+def fresh_train_state(config):
+    """A fresh (seeded) train state with optimizer moments on one device, as a checkpoint
+    of the run would hold it."""
+    import jax
+
+    from cbp_jax import factories
+
+    mesh = factories.single_device_mesh()
+    with jax.set_mesh(mesh):
+        return factories.TrainSetup(config, mesh).init_state()

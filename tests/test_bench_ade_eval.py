@@ -3,7 +3,7 @@
 import numpy as np
 from config_helpers import load_bench, load_config
 
-from cbp_jax import inference, trainer
+from cbp_jax import factories, inference
 
 bench = load_bench("ade_eval")
 
@@ -30,7 +30,7 @@ def test_generated_validation_split_reads_as_ade20k(tmp_path):
     root = bench.write_ade20k_validation(str(tmp_path), sizes)
     config = load_config("ade20k_mit_b0", "smoke")
     config.data.root = root
-    source = trainer.source_from_config(config, "val")
+    source = factories.source_from_config(config, "val")
     assert len(source) == 3
     for i, (h, w) in enumerate(sizes):
         example = source[i]

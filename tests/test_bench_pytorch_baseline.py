@@ -14,7 +14,7 @@ from config_helpers import load_bench, load_config
 from data_helpers import write_image
 from flax import nnx
 
-from cbp_jax import train_lib, trainer
+from cbp_jax import factories, losses, train_lib
 
 bench = load_bench("camvid_pytorch_baseline")
 
@@ -99,7 +99,7 @@ def test_param_groups_mirror_train_lib(camvid):
     same (all-MLP) head, so every tensor is in the group train_lib puts it in."""
     config = tiny_config(camvid)
     config.model.head = "mlp"
-    model = nnx.eval_shape(lambda: trainer.model_from_config(config))
+    model = nnx.eval_shape(lambda: factories.model_from_config(config))
     _, params, _ = train_lib.split_model(model)
     lr_mults, decay = train_lib.param_groups(model, params, config.optimizer)
     ours: dict = {}
@@ -120,7 +120,7 @@ def test_cross_entropy_matches_train_lib(average):
     logits = rng.normal(size=(2, 11, 5, 7)).astype(np.float32)
     labels = rng.integers(0, 11, (2, 20, 28)).astype(np.int32)
     labels[0, :6] = 255
-    ours = train_lib.upsampled_cross_entropy(
+    ours = losses.upsampled_cross_entropy(
         jnp.asarray(logits).transpose(0, 2, 3, 1), jnp.asarray(labels), average=average
     )
     theirs = bench.upsampled_cross_entropy(

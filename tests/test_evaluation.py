@@ -360,9 +360,9 @@ def test_evaluate_report_and_panels(tmp_path):
         _label_decoder,
         examples,
         num_classes=N,
-        panel_dir=str(tmp_path / "panels"),
-        num_panels=2,
-        class_names=[f"c{i}" for i in range(N)],
+        panels=eval_lib.Panels(
+            str(tmp_path / "panels"), 2, class_names=[f"c{i}" for i in range(N)]
+        ),
         progress=False,
     )
     ref = np_mmseg_metrics(labels_list, preds_list, N)

@@ -10,7 +10,7 @@ import pytest
 from config_helpers import load_config
 from PIL import Image
 
-from cbp_jax import eval_lib, figures, report, trainer
+from cbp_jax import eval_lib, factories, figures, report
 
 
 def read_png(path):
@@ -145,8 +145,8 @@ def test_panel_layers_at_label_resolution():
     layers = figures.panel_layers(image, label, pred, palette)
     assert list(layers) == ["image", "ground truth", "prediction", "overlay"]
     assert all(v.shape == (30, 40, 3) and v.dtype == np.uint8 for v in layers.values())
-    np.testing.assert_array_equal(layers["ground truth"], report.colorize(label, palette))
-    np.testing.assert_array_equal(layers["prediction"], report.colorize(pred, palette))
+    np.testing.assert_array_equal(layers["ground truth"], figures.colorize(label, palette))
+    np.testing.assert_array_equal(layers["prediction"], figures.colorize(pred, palette))
     np.testing.assert_array_equal(layers["overlay"][-2:], layers["image"][-2:])  # ignored
     blend = (layers["image"][:5].astype(float) + layers["prediction"][:5]) / 2
     np.testing.assert_allclose(layers["overlay"][:5], blend, atol=0.51)
@@ -156,7 +156,7 @@ def test_panel_layers_at_label_resolution():
     layers = figures.panel_layers(image, big, big, palette, max_side=400)
     assert layers["ground truth"].shape == (300, 400, 3)
     np.testing.assert_array_equal(
-        layers["ground truth"], report.colorize(np.kron(label, np.ones((10, 10), int)), palette)
+        layers["ground truth"], figures.colorize(np.kron(label, np.ones((10, 10), int)), palette)
     )
     with pytest.raises(ValueError, match="one size"):
         figures.panel_layers(image, label, pred[:-1], palette)
@@ -196,11 +196,11 @@ def test_evaluator_writes_figures(tmp_path):
     config = load_config("scenes_mit_b0", "smoke")
     config.data.update(scenes_num_images=2, num_workers=0)
     config.eval.update(max_images=2, num_panels=1, frequency_groups=2)
-    mesh = trainer.mesh_from_config(config)
+    mesh = factories.mesh_from_config(config)
     with jax.set_mesh(mesh):
-        setup = trainer.Setup(config, mesh)
+        setup = factories.TrainSetup(config, mesh)
         state = setup.init_state()
-    source = trainer.source_from_config(config, config.data.eval_split)
+    source = factories.source_from_config(config, config.data.eval_split)
     evaluator = eval_lib.Evaluator(config, mesh, setup.state_shardings, source)
     learned = np.random.default_rng(0).normal(size=(source.num_classes, 16))
     out = tmp_path / "eval"

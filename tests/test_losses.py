@@ -282,6 +282,58 @@ def test_occl_sharded_over_8_devices_equals_single_device(axis_type):
     np.testing.assert_allclose(grad_sharded, grad_single, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("views", ["batch_halves", "random_pixels"])
+def test_losses_under_shard_map_with_axis_name_equal_single_device(views):
+    """Each of 8 devices sees 2 of 16 images; with ``axis_name`` the centroids, CE sums and
+    denominators are the whole batch's, so every device returns the single-device value."""
+    features, labels, protos = _data(13, b=16, h=8, w=8, c=32, n=9)
+    logits = np.random.default_rng(14).normal(size=(16, 4, 4, 9)).astype(np.float32)
+    key = jax.random.key(3)
+    mesh = jax.make_mesh((8,), ("data",))
+
+    def per_device(f, y, z):
+        kwargs = dict(views=views, key=key, axis_name="data")
+        small = losses.nearest_downsample(y, f.shape[1:3])
+        return (
+            losses.occl(f, small, protos, **kwargs),
+            losses.pixel_cross_entropy(
+                jax.image.resize(z, (*y.shape, 9), "bilinear"), y, axis_name="data"
+            ),
+            losses.upsampled_cross_entropy(z, y, axis_name="data"),
+            losses.upsampled_cross_entropy(z, y, band_bytes=4096, axis_name="data"),
+            losses.category_centroids(f, small, 9, axis_name="data")[0],
+        )
+
+    mapped = jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False)
+    )
+    labels_full = np.repeat(np.repeat(labels, 2, axis=1), 2, axis=2)  # (16, 16, 16)
+    batch = NamedSharding(mesh, P("data"))
+    got = mapped(*(jax.device_put(x, batch) for x in (features, labels_full, logits)))
+    f, y, z = jnp.asarray(features), jnp.asarray(labels_full), jnp.asarray(logits)
+    if views == "batch_halves":
+        view_ids = _halves(labels)
+    else:  # device d draws its pixels' views from fold_in(key, d)
+        view_ids = np.concatenate(
+            [
+                losses.view_assignment(
+                    jnp.asarray(labels[2 * d : 2 * d + 2]), views, jax.random.fold_in(key, d)
+                )
+                for d in range(8)
+            ]
+        )
+    centroid, category = np_occl_terms(features, labels, protos, view_ids, 0.07)
+    want_occl = centroid + 0.1 * category
+    want_ce = losses.pixel_cross_entropy(jax.image.resize(z, (*y.shape, 9), "bilinear"), y)
+    want_up = losses.upsampled_cross_entropy(z, y)
+    want_cent = losses.category_centroids(f, jnp.asarray(labels), 9)[0]
+    np.testing.assert_allclose(got[0], want_occl, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], want_ce, rtol=1e-5)
+    np.testing.assert_allclose(got[2], want_up, rtol=1e-5)
+    np.testing.assert_allclose(got[3], want_up, rtol=1e-5)
+    np.testing.assert_allclose(got[4], want_cent, rtol=1e-5, atol=1e-6)
+
+
 def test_nearest_downsample_matches_torch_rule():
     labels = jnp.arange(2 * 8 * 12).reshape(2, 8, 12)
     got = np.asarray(losses.nearest_downsample(labels, (2, 3)))

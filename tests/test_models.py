@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from cbp_jax import models
 from cbp_jax.classifier import Prototypes
-from cbp_jax.models import layers, swin
+from cbp_jax.models import kernels, layers, swin
 
 SMALL_CNX = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))
 SMALL_MIT = dict(depths=(1, 1, 1, 1))
@@ -51,7 +51,7 @@ def test_depthwise_shifted_equals_xla_values_and_grads(k):
 
     def f(impl):
         def loss(x, w, b):
-            y = layers.depthwise_conv2d(x, w, b, padding=k // 2, impl=impl)
+            y = kernels.depthwise_conv2d(x, w, b, padding=k // 2, impl=impl)
             return jnp.sum(jnp.sin(y)), y
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, b)
@@ -92,7 +92,7 @@ def test_conv2d_formulations_equal_lax_conv(shape, k, stride, padding):
         return jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=dn) + b
 
     def ours(x, w, b):
-        return layers.conv2d(x, w, b, stride=stride, padding=padding)
+        return kernels.conv2d(x, w, b, stride=stride, padding=padding)
 
     y, y_ref = ours(x, w, b), reference(x, w, b)
     assert y.shape == y_ref.shape
@@ -137,11 +137,30 @@ def test_remat_gives_the_same_outputs_and_gradients(name, extra):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_dwconv_impl_resolution():
-    assert layers.resolve_dwconv_impl("auto") == "shifted"  # the test backend is CPU
-    assert layers.resolve_dwconv_impl("xla") == "xla"
+def test_dwconv_impl_auto_is_chosen_for_the_platform_compiled_for():
+    """'auto' is the shifted sum in a CPU program and XLA's grouped conv in a TPU or CUDA
+    one, whatever the machine that lowers it."""
+    assert kernels.check_dwconv_impl("xla") == "xla"
     with pytest.raises(ValueError, match="dwconv_impl='fast'"):
-        layers.resolve_dwconv_impl("fast")
+        kernels.check_dwconv_impl("fast")
+    x = jax.ShapeDtypeStruct((2, 8, 8, 16), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 1, 16), jnp.float32)
+    traced = jax.jit(
+        jax.grad(lambda x, k: kernels.depthwise_conv2d(x, k, None, padding=1, impl="auto").sum())
+    ).trace(x, k)
+    for platform, chosen, other in (
+        ("cpu", "dwconv_shifted", "dwconv_xla"),
+        ("tpu", "dwconv_xla", "dwconv_shifted"),
+        ("cuda", "dwconv_xla", "dwconv_shifted"),
+    ):
+        text = traced.lower(lowering_platforms=(platform,)).as_text(debug_info=True)
+        assert chosen in text and other not in text, platform
+    xs = jax.random.normal(jax.random.key(0), x.shape)
+    ks = jax.random.normal(jax.random.key(1), k.shape)
+    np.testing.assert_array_equal(  # run here (CPU): the shifted sum
+        kernels.depthwise_conv2d(xs, ks, None, padding=1, impl="auto"),
+        kernels.depthwise_conv2d(xs, ks, None, padding=1, impl="shifted"),
+    )
 
 
 # ----------------------------------------------------------------------------- BatchNorm
@@ -403,7 +422,7 @@ def test_fcn_segmentor_output_stride_8_and_heads():
 
 
 def test_linear_is_nnx_linear_as_one_flat_matmul():
-    """``layers.linear`` (``nnx.Linear`` through ``layers.dense``): the same values and
+    """``layers.linear`` (``nnx.Linear`` through ``kernels.dense``): the same values and
     gradients as ``nnx.Linear``'s own ``dot_general`` on a 4-D input."""
     ours = layers.linear(16, 24, None, nnx.Rngs(0))
     plain = nnx.Linear(16, 24, rngs=nnx.Rngs(1))
@@ -429,22 +448,22 @@ def _residual_bytes(fn, *args) -> int:
 
 
 def test_gelu_equals_exact_gelu_and_keeps_only_its_input():
-    """``layers.gelu``: jax.nn.gelu(approximate=False)'s values and gradients, with one map
+    """``kernels.gelu``: jax.nn.gelu(approximate=False)'s values and gradients, with one map
     of the input's size kept for the backward pass where autodiff keeps three."""
     x = jnp.asarray(np.random.default_rng(0).normal(0, 3, size=(4, 33, 17)).astype(np.float32))
 
     def exact(x):
         return jax.nn.gelu(x, approximate=False)
 
-    np.testing.assert_array_equal(layers.gelu(x), exact(x))
+    np.testing.assert_array_equal(kernels.gelu(x), exact(x))
     cotangent = jnp.cos(x)
-    g_ours = jax.vjp(layers.gelu, x)[1](cotangent)[0]
+    g_ours = jax.vjp(kernels.gelu, x)[1](cotangent)[0]
     g_auto = jax.vjp(exact, x)[1](cotangent)[0]
     np.testing.assert_allclose(g_ours, g_auto, rtol=1e-5, atol=1e-6)
-    assert _residual_bytes(layers.gelu, x) == x.nbytes
+    assert _residual_bytes(kernels.gelu, x) == x.nbytes
     assert _residual_bytes(exact, x) >= 3 * x.nbytes
     bf16 = x.astype(jnp.bfloat16)
-    g_bf16 = jax.vjp(layers.gelu, bf16)[1](cotangent.astype(jnp.bfloat16))[0]
+    g_bf16 = jax.vjp(kernels.gelu, bf16)[1](cotangent.astype(jnp.bfloat16))[0]
     assert g_bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(g_bf16.astype(jnp.float32), g_auto, rtol=2e-2, atol=2e-2)
 
@@ -483,18 +502,18 @@ def test_layer_norm_equals_nnx_layer_norm_and_keeps_one_map(dtype):
 
 @pytest.mark.parametrize("axis", [-1, (-2, -1)])
 def test_softmax_equals_jax_softmax_and_keeps_only_its_output(axis):
-    """``layers.softmax``: jax.nn.softmax's values and gradients. In attention (softmax, then
+    """``kernels.softmax``: jax.nn.softmax's values and gradients. In attention (softmax, then
     a product with the values) its backward pass keeps one map of the scores' size, the
     output; autodiff of jax.nn.softmax keeps the exponentials too."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(0, 4, size=(2, 3, 6, 5)).astype(np.float32))
     v = jnp.asarray(rng.normal(size=(2, 3, 6, 5, 4)).astype(np.float32))
-    np.testing.assert_array_equal(layers.softmax(x, axis), jax.nn.softmax(x, axis=axis))
+    np.testing.assert_array_equal(kernels.softmax(x, axis), jax.nn.softmax(x, axis=axis))
 
     def attention(softmax):
         return lambda x, v: jnp.einsum("bnij,bnijd->bnd", softmax(x), v)
 
-    ours = attention(lambda x: layers.softmax(x, axis))
+    ours = attention(lambda x: kernels.softmax(x, axis))
     plain = attention(lambda x: jax.nn.softmax(x, axis=axis))
     cotangent = jnp.asarray(rng.normal(size=(2, 3, 4)).astype(np.float32))
     for g_ours, g_plain in zip(

@@ -20,8 +20,7 @@ from torch_refs import assert_close as _close
 from torch_refs import forward_eval as _forward
 from torch_refs import images, nhwc, randomize_
 
-from cbp_jax import models, weights
-from cbp_jax.models import layers
+from cbp_jax import models, resize, weights
 
 pytestmark = pytest.mark.parity
 HF_EPS = dict(norm_eps=1e-5, patch_norm_eps=1e-5)  # HF SegFormer uses 1e-5 everywhere
@@ -388,7 +387,7 @@ def test_upernet_logits_and_aux(tmp_path, aux_convs, concat):
     with torch.no_grad():
         ref = hf(xt)
     out = _forward(model, x)
-    up = nnx.jit(lambda a: layers.resize_bilinear(a, (96, 96)))
+    up = nnx.jit(lambda a: resize.resize_bilinear(a, (96, 96)))
     _close(up(out["logits"]), nhwc(ref.logits))
     assert out["aux_logits"].shape == (2, 6, 6, 5)
     with torch.no_grad():
@@ -414,15 +413,15 @@ def test_resize_bilinear_matches_torch(hw, size):
     x = np.random.default_rng(0).normal(size=(2, *hw, 3)).astype(np.float32)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
     ref = F.interpolate(xt, size=size, mode="bilinear", align_corners=False)
-    _close(layers.resize_bilinear(x, size), nhwc(ref), 1e-5)
+    _close(resize.resize_bilinear(x, size), nhwc(ref), 1e-5)
     # Gradients too: the shifted-slice and gather forms have their own backward passes.
     g = np.random.default_rng(1).normal(size=(2, *size, 3)).astype(np.float32)
     ref.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
-    _, vjp = jax.vjp(lambda a: layers.resize_bilinear(a, size), jnp.asarray(x))
+    _, vjp = jax.vjp(lambda a: resize.resize_bilinear(a, size), jnp.asarray(x))
     _close(vjp(jnp.asarray(g))[0], nhwc(xt.grad), 1e-5)
     # Channels-first (the CE's logits): W is the minor axis, resized as a matrix product.
     nchw = jnp.asarray(x.transpose(0, 3, 1, 2))
-    y, vjp = jax.vjp(lambda a: layers.resize_bilinear(a, size, axes=(2, 3)), nchw)
+    y, vjp = jax.vjp(lambda a: resize.resize_bilinear(a, size, axes=(2, 3)), nchw)
     _close(y, ref.detach().numpy(), 1e-5)
     _close(vjp(jnp.asarray(g.transpose(0, 3, 1, 2)))[0], xt.grad.numpy(), 1e-5)
 
@@ -431,7 +430,7 @@ def test_resize_bilinear_matches_torch(hw, size):
 def test_adaptive_avg_pool_matches_torch(hw, s):
     x = np.random.default_rng(0).normal(size=(2, *hw, 3)).astype(np.float32)
     ref = F.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), s)
-    _close(layers.adaptive_avg_pool(x, s), nhwc(ref), 1e-5)
+    _close(resize.adaptive_avg_pool(x, s), nhwc(ref), 1e-5)
 
 
 # ----------------------------------------------------------------------------- loud failures

@@ -23,8 +23,7 @@ from torch_refs import (
     randomize_,
 )
 
-from cbp_jax import models, weights
-from cbp_jax.models import layers
+from cbp_jax import models, resize, weights
 
 pytestmark = pytest.mark.parity
 
@@ -93,7 +92,7 @@ def test_upernet_swin_logits_and_aux(tmp_path, size):
         ref = hf(xt).logits
         aux_ref = hf.auxiliary_head(hf.backbone(xt).feature_maps)
     out = forward_eval(model, x)
-    up = nnx.jit(lambda a: layers.resize_bilinear(a, (h, w)))
+    up = nnx.jit(lambda a: resize.resize_bilinear(a, (h, w)))
     assert_close(up(out["logits"]), nhwc(ref))
     assert_close(out["aux_logits"], nhwc(aux_ref))
 

@@ -9,10 +9,10 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from config_helpers import load_config
+from config_helpers import fresh_train_state, load_config
 from PIL import Image
 
-from cbp_jax import checkpointing, eval_lib, predict, trainer
+from cbp_jax import checkpointing, eval_lib, factories, predict
 from cbp_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,7 @@ def run(tmp_path_factory):
     config = _config()
     trained = ml_collections.ConfigDict(config.to_dict())
     trained.seed = 7  # the checkpoint's weights differ from a fresh seed-0 model's
-    _, state = predict._fresh_state(trained)
+    state = fresh_train_state(trained)
     noise = jax.random.normal(jax.random.key(1), (), jax.numpy.float32)
     state["params"] = jax.tree.map(lambda p: p * (1.5 + 0.1 * noise), state["params"])
     checkpointer = checkpointing.Checkpointer(
@@ -54,7 +54,7 @@ def segmenter(run):
 
 
 def _scenes(config):
-    return trainer.source_from_config(config, config.data.eval_split)
+    return factories.source_from_config(config, config.data.eval_split)
 
 
 class _Relabelled:
@@ -97,9 +97,9 @@ def test_predictions_equal_evaluation(run, mode):
     assert labels[0].shape == source[0]["image"].shape[:2] and labels[0].dtype == np.int32
     assert len(np.unique(np.concatenate([x.ravel() for x in labels]))) >= 2  # not trivial
 
-    mesh = trainer.mesh_from_config(config)
+    mesh = factories.mesh_from_config(config)
     with jax.set_mesh(mesh):
-        setup = trainer.Setup(config, mesh)
+        setup = factories.TrainSetup(config, mesh)
         checkpointer = checkpointing.Checkpointer(
             os.path.join(workdir, "checkpoints"), every=1, async_save=False
         )

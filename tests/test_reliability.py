@@ -18,7 +18,7 @@ from config_helpers import ROOT, load_config
 from data_helpers import make_ade20k
 from test_train import _env, read_losses, tiny_config
 
-from cbp_jax import checkpointing, config_checks, logs, trainer, weights
+from cbp_jax import checkpointing, config_checks, errors, factories, logs, trainer, weights
 from cbp_jax import workdir as workdir_lib
 from cbp_jax.data import loader as loader_lib
 
@@ -284,7 +284,7 @@ def test_nonfinite_stop_then_lower_lr_restart_trains_to_the_end(tmp_path):
     config = tiny_config(total_steps=4)
     config.checkpoint.every = 1
     config.optimizer.update(lr=1e30, warmup_steps=1, warmup_start_factor=1e-33)
-    with pytest.raises(trainer.NonFiniteLossError) as info:
+    with pytest.raises(errors.NonFiniteLossError) as info:
         trainer.train_and_evaluate(config, str(tmp_path))
     message = str(info.value)
     assert "by step 2" in message and f"step 1 in {tmp_path}/checkpoints/1" in message
@@ -308,13 +308,13 @@ def test_bad_file_mid_run_saves_then_names_the_file_and_the_way_on(tmp_path):
     config.checkpoint.update(every=100, async_save=False)
     config.eval.max_images = 1
     # Truncate the image that the second batch reads first.
-    source = trainer.source_from_config(config, "train")
+    source = factories.source_from_config(config, "train")
     perm = np.random.default_rng([config.seed, 0, loader_lib._STREAM_TAG]).permutation(16)
     bad = source.image_paths[perm[8]]
     with open(bad, "r+b") as f:
         f.truncate(20)
     workdir = str(tmp_path / "work")
-    with pytest.raises(trainer.BadTrainingDataError) as info:
+    with pytest.raises(errors.BadTrainingDataError) as info:
         trainer.train_and_evaluate(config, workdir)
     message = str(info.value)
     assert os.path.basename(bad) in message and "batch 2" in message

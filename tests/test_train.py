@@ -15,7 +15,7 @@ import pytest
 from config_helpers import ROOT, load_config
 from data_helpers import CAMVID_ROOT, make_ade20k, make_cocostuff_raw
 
-from cbp_jax import checkpointing, trainer
+from cbp_jax import checkpointing, factories, trainer
 from cbp_jax.data import cocostuff
 
 
@@ -137,9 +137,9 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
 
 def test_fsdp_rules_shard_large_parameters():
     config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 4})
-    mesh = trainer.mesh_from_config(config)
+    mesh = factories.mesh_from_config(config)
     with jax.set_mesh(mesh):
-        setup = trainer.Setup(config, mesh)
+        setup = factories.TrainSetup(config, mesh)
         specs = {
             checkpointing.path_name(p): s.spec
             for p, s in jax.tree_util.tree_leaves_with_path(setup.state_shardings)

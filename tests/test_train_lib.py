@@ -11,8 +11,7 @@ import pytest
 from config_helpers import load_config
 from flax import nnx
 
-from cbp_jax import losses, sharding, train_lib, trainer
-from cbp_jax.models import layers
+from cbp_jax import factories, losses, resize, sharding, train_lib, trainer
 
 ALL_CONFIGS = [
     "ade20k_mit_b0",
@@ -54,7 +53,7 @@ def test_every_config_parses(name, arg):
 )
 def test_every_config_builds_its_model_abstractly(name, arg):
     config = load_config(name, arg)
-    model = nnx.eval_shape(lambda: trainer.model_from_config(config))
+    model = nnx.eval_shape(lambda: factories.model_from_config(config))
     assert model.classifier.num_classes == config.data.num_classes
     expected = "linear" if arg and "baseline" in arg else "frozen"
     assert model.classifier.update == ("learned" if expected == "linear" else "frozen")
@@ -102,7 +101,7 @@ def test_swin_and_fcn_recipes():
     assert (swin.loss.centroid_weight, swin.loss.category_weight) == (1.0, 0.2)
     assert swin.model.cbp_length == 1.0 and swin.eval.mode == "whole"
     swin.model.update(name="upernet_swin_tiny", depths=(1, 1, 1, 1))
-    model = nnx.eval_shape(lambda: trainer.model_from_config(swin))
+    model = nnx.eval_shape(lambda: factories.model_from_config(swin))
     _, params, _ = train_lib.split_model(model)
     _, decay = train_lib.param_groups(model, params, swin.optimizer)
     named = {sharding.path_name(p): d for p, d in jax.tree_util.tree_leaves_with_path(decay)}
@@ -142,7 +141,7 @@ def test_schedule_matches_mmseg_warmup_then_poly():
 
 
 def _groups(config):
-    model = nnx.eval_shape(lambda: trainer.model_from_config(config))
+    model = nnx.eval_shape(lambda: factories.model_from_config(config))
     _, params, _ = train_lib.split_model(model)
     lr, decay = train_lib.param_groups(model, params, config.optimizer)
     names = lambda tree: {  # noqa: E731
@@ -232,7 +231,7 @@ def _mmseg_convnext_group(name: str, ndim: int) -> tuple[float, bool]:
 def test_param_groups_are_mmsegs_for_every_parameter(name, model, rule):
     config = load_config(name, "baseline")  # the learned classifier has parameters too
     config.model.name = model
-    abstract = nnx.eval_shape(lambda: trainer.model_from_config(config))
+    abstract = nnx.eval_shape(lambda: factories.model_from_config(config))
     _, params, _ = train_lib.split_model(abstract)
     lr, decay = _groups(config)
     shapes = {
@@ -315,7 +314,7 @@ def test_optimizer_matches_numpy_param_groups(recipe):
     config = load_config("ade20k_mit_b0", "smoke")
     cfg = config.optimizer
     cfg.update(OPTIMIZER_RECIPES[recipe])
-    model = nnx.eval_shape(lambda: trainer.model_from_config(config))
+    model = nnx.eval_shape(lambda: factories.model_from_config(config))
     _, abstract, _ = train_lib.split_model(model)
     rng = np.random.default_rng(0)
     params, *grads = [
@@ -368,13 +367,13 @@ def _batch(config, seed=0):
 @pytest.mark.parametrize("update", ["frozen", "gradient", "ema", "penalty"])
 def test_train_step_variants_compile_once(update):
     config = _tiny(update)
-    mesh = trainer.mesh_from_config(config)
+    mesh = factories.mesh_from_config(config)
     with jax.set_mesh(mesh):
-        setup = trainer.Setup(config, mesh)
+        setup = factories.TrainSetup(config, mesh)
         state = setup.init_state()
         step = jax.jit(
             train_lib.make_train_step(
-                setup.graphdef, setup.tx, train_lib.LossConfig.from_config(config)
+                setup.graphdef, setup.tx, losses.LossConfig.from_config(config)
             ),
             donate_argnums=0,
         )
@@ -412,9 +411,9 @@ def test_init_from_loads_encoder_weights(tmp_path):
     hf = T.SegformerModel(T.SegformerConfig(depths=[1, 1, 1, 1]))
     hf.save_pretrained(tmp_path)
     config = _tiny()
-    mesh = trainer.mesh_from_config(config)
+    mesh = factories.mesh_from_config(config)
     with jax.set_mesh(mesh):
-        setup = trainer.Setup(config, mesh)
+        setup = factories.TrainSetup(config, mesh)
         state = setup.load_pretrained(setup.init_state(), str(tmp_path))
     model = nnx.merge(setup.graphdef, state["params"], state["model_state"])
     ours = np.asarray(model.encoder.stages[0].patch_embed.proj.kernel[...])
@@ -435,7 +434,7 @@ def test_mesh_from_config_and_errors():
     config.batch_size = 6
     config.mesh.update(data=-1, num_devices=0)
     # One process on CPU (one device per core): as many devices as divide the batch.
-    assert trainer.mesh_from_config(config).devices.size == 6
+    assert factories.mesh_from_config(config).devices.size == 6
     config.mesh.num_devices = 8  # asked for explicitly: the batch must divide
     with pytest.raises(ValueError, match="batch_size=6 must divide evenly over 8 devices"):
         trainer.train_and_evaluate(config, "/nonexistent/never-created")
@@ -502,7 +501,7 @@ def test_banded_cross_entropy_equals_the_whole_image_one(average, shape, size):
 
     def value_and_grad(band_bytes):
         def loss(z):
-            return train_lib.upsampled_cross_entropy(z, labels, 255, average, band_bytes)
+            return losses.upsampled_cross_entropy(z, labels, 255, average, band_bytes)
 
         return jax.jit(jax.value_and_grad(loss))(logits)
 
@@ -517,10 +516,10 @@ def test_segmentation_loss_bands_large_logits_by_default():
     rng = np.random.default_rng(3)
     logits = jnp.asarray(rng.normal(size=(2, 32, 32, 64)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 64, (2, 128, 128)), jnp.int32)
-    assert 2 * 64 * 128 * 128 * 4 > train_lib.ce_band_bytes()
-    cfg = train_lib.LossConfig(num_classes=64, occl=False)
-    loss, metrics = train_lib.segmentation_loss({"logits": logits}, labels, None, cfg)
-    whole = layers.resize_bilinear(jnp.moveaxis(logits, -1, 1), (128, 128), axes=(2, 3))
+    assert 2 * 64 * 128 * 128 * 4 > losses.ce_band_bytes()
+    cfg = losses.LossConfig(num_classes=64, occl=False)
+    loss, metrics = losses.segmentation_loss({"logits": logits}, labels, None, cfg)
+    whole = resize.resize_bilinear(jnp.moveaxis(logits, -1, 1), (128, 128), axes=(2, 3))
     expected = losses.pixel_cross_entropy(whole, labels, average="all", axis=1)
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     np.testing.assert_allclose(metrics["ce"], expected, rtol=1e-6)
@@ -536,7 +535,7 @@ def test_banded_cross_entropy_keeps_less():
 
     def temp_bytes(band_bytes):
         def loss(z):
-            return train_lib.upsampled_cross_entropy(z, labels, 255, "all", band_bytes)
+            return losses.upsampled_cross_entropy(z, labels, 255, "all", band_bytes)
 
         compiled = jax.jit(jax.grad(loss)).lower(logits).compile()
         return compiled.memory_analysis().temp_size_in_bytes
@@ -553,9 +552,7 @@ def test_banded_cross_entropy_sharded_over_8_devices_equals_single_device(axis_t
     labels = jnp.asarray(labels, jnp.int32)
 
     def loss(z, y):
-        return train_lib.upsampled_cross_entropy(
-            z, y, 255, "labelled", band_bytes=8 * 5 * 28 * 4 * 3
-        )
+        return losses.upsampled_cross_entropy(z, y, 255, "labelled", band_bytes=8 * 5 * 28 * 4 * 3)
 
     single = jax.jit(jax.value_and_grad(loss))(logits, labels)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))

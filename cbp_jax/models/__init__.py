@@ -18,6 +18,7 @@ from typing import Any
 from flax import nnx
 
 from cbp_jax.classifier import CBPClassifier, LinearClassifier
+from cbp_jax.models.config import CLASSIFIERS, ModelConfig
 from cbp_jax.models.convnext import CONVNEXT_VARIANTS, ConvNeXt, ConvNeXtConfig
 from cbp_jax.models.heads import FCNHead, SegFormerHead, SegFormerMLPHead, UperNetHead
 from cbp_jax.models.mit import MIT_VARIANTS, MiTConfig, MixTransformer
@@ -30,6 +31,7 @@ __all__ = [
     "ConvNeXtConfig",
     "FCNHead",
     "MiTConfig",
+    "ModelConfig",
     "MixTransformer",
     "ResNetConfig",
     "ResNetV1c",
@@ -98,25 +100,6 @@ def create_encoder(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> Encoder:
     return cls(config, rngs=rngs, **kwargs)
 
 
-_SEG_DEFAULTS = dict(
-    classifier="cbp",  # "cbp" | "linear"
-    cbp_length=1.0,
-    cbp_update="frozen",
-    cbp_init="equal_ortho",
-    cbp_normalize_features=False,
-    cbp_allow_non_orthogonal=False,
-    cbp_ema_momentum=0.99,
-    cbp_penalty_weight=0.01,
-    head=None,  # segformer: "mmseg" (default) | "mlp"; upernet: "upernet"; fcn: "fcn"
-    head_width=None,  # None: the variant's default
-    dropout=0.1,
-    aux=None,  # auxiliary FCN head on stage 3; None: True for UperNet and FCN
-    aux_width=256,
-    aux_num_convs=1,
-    aux_concat_input=False,
-)
-
-
 def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> Segmentor:
     """Builds a segmentor by name: ``model(images, train=bool)`` -> dict (see ``segmentor``).
 
@@ -125,101 +108,89 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
         ``upernet_swin_tiny|small|base|large``, ``fcn_resnet50_d8`` or ``fcn_resnet101_d8``.
       num_classes: N.
       rngs: parameter init (and the CBP prototypes' key) and the 'dropout' stream.
-      **overrides:
-        ``classifier``: 'cbp' (default, frozen Category-Basis Prototypes) or 'linear'.
-        ``cbp_length`` (1.0), ``cbp_update`` ('frozen'), ``cbp_init`` ('equal_ortho'),
-        ``cbp_normalize_features`` (False), ``cbp_allow_non_orthogonal`` (False),
-        ``cbp_ema_momentum`` (0.99, update 'ema'), ``cbp_penalty_weight`` (0.01, 'penalty').
-        ``head``: SegFormer 'mmseg' (mmseg 1.x conv+BN+ReLU head, the paper's; default) or
-        'mlp' (original / HF Linear head, for HF-trained checkpoints).
-        UperNet models take 'upernet', FCN models 'fcn' (mmseg FCNHead on stage 4: two 3x3
-        ConvModules, concat of the input + a 3x3 ConvModule).
-        ``head_width``: decoder width D (SegFormer 'mmseg' 256; 'mlp' 256 for B0/B1 and 768
-        for B2-B5; UperNet 512; FCN 512).
-        ``dropout`` (0.1) before the classifier; ``aux`` (UperNet, FCN: True), ``aux_width`` (256),
-        ``aux_num_convs`` (1), ``aux_concat_input`` (False): the auxiliary FCN head on stage 3.
-        Anything else goes to :func:`create_encoder` (``dtype``, ``dwconv_impl``,
-        ``drop_path_rate``, ``norm_eps``, ...).
+      **overrides: any field of :class:`ModelConfig` (classifier, CBP settings, head,
+        head width, dropout, auxiliary head; its docstring has their meaning and defaults).
+        SegFormer's heads are ``"mmseg"`` (mmseg 1.x conv + BN + ReLU, the paper's; default)
+        and ``"mlp"`` (the original / transformers Linear head, for HF-trained checkpoints);
+        FCN's is mmseg's FCNHead on stage 4 (two 3x3 ConvModules, concat of the input and a
+        3x3 ConvModule). Anything else goes to :func:`create_encoder` (``dtype``,
+        ``dwconv_impl``, ``drop_path_rate``, ``norm_eps``, ...).
     """
     if name not in SEGMENTORS:
         raise ValueError(f"Unknown segmentor {name!r}. Known: {', '.join(SEGMENTORS)}.")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}; pass a positive int (150 for ADE20K).")
-    seg = {k: overrides.pop(k, v) for k, v in _SEG_DEFAULTS.items()}
-    family = name.split("_", 1)[0]  # "segformer" | "upernet" | "fcn"
-    heads = {"segformer": ("mmseg", "mlp"), "upernet": ("upernet",), "fcn": ("fcn",)}[family]
-    if seg["head"] is not None and seg["head"] not in heads:
-        raise ValueError(f"head={seg['head']!r} for {name!r}; use one of {heads}.")
-    if seg["classifier"] not in ("cbp", "linear"):
-        raise ValueError(f"classifier={seg['classifier']!r}; use 'cbp' or 'linear'.")
-    dtype = overrides.get("dtype")
-    if family == "segformer":
-        variant = name.removeprefix("segformer_")
-        encoder = create_encoder(f"mit_{variant}", rngs=rngs, **overrides)
-        head_kind = seg["head"] or "mmseg"
-        if head_kind == "mmseg":
-            width = seg["head_width"] or 256
-            head = SegFormerHead(
-                encoder.dims, width, dropout=seg["dropout"], dtype=dtype, rngs=rngs
-            )
-        elif head_kind == "mlp":
-            width = seg["head_width"] or (256 if variant in ("b0", "b1") else 768)
-            head = SegFormerMLPHead(
-                encoder.dims, width, dropout=seg["dropout"], dtype=dtype, rngs=rngs
-            )
-        else:
-            raise ValueError(f"head={head_kind!r} for {name!r}; use 'mmseg' or 'mlp'.")
-        use_aux = bool(seg["aux"])
-    elif family == "upernet":
-        encoder = create_encoder(name.removeprefix("upernet_"), rngs=rngs, **overrides)
-        width = seg["head_width"] or 512
-        head = UperNetHead(encoder.dims, width, dropout=seg["dropout"], dtype=dtype, rngs=rngs)
-        use_aux = True if seg["aux"] is None else bool(seg["aux"])
-    else:  # fcn_resnet{50,101}_d8: ResNetV1c, output stride 8
-        variant = name.removeprefix("fcn_").removesuffix("_d8")
-        encoder = create_encoder(f"{variant}_v1c", rngs=rngs, **overrides)
-        width = seg["head_width"] or 512
-        head = FCNHead(
-            encoder.dims,
-            width,
-            in_index=len(encoder.dims) - 1,
-            num_convs=2,
-            concat_input=True,
-            dropout=seg["dropout"],
-            dtype=dtype,
-            rngs=rngs,
-        )
-        use_aux = True if seg["aux"] is None else bool(seg["aux"])
-
-    if seg["classifier"] == "cbp":
-        classifier = CBPClassifier(
-            num_classes,
-            width,
-            length=seg["cbp_length"],
-            update=seg["cbp_update"],
-            init=seg["cbp_init"],
-            normalize_features=seg["cbp_normalize_features"],
-            allow_non_orthogonal=seg["cbp_allow_non_orthogonal"],
-            ema_momentum=seg["cbp_ema_momentum"],
-            penalty_weight=seg["cbp_penalty_weight"],
-            rngs=rngs,
-        )
-    elif seg["classifier"] == "linear":
-        classifier = LinearClassifier(num_classes, width, rngs=rngs)
-    else:
-        raise ValueError(f"classifier={seg['classifier']!r}; use 'cbp' or 'linear'.")
-
+    fields = ModelConfig.field_names()
+    cfg = ModelConfig(**{k: v for k, v in overrides.items() if k in fields})
+    encoder_overrides = {k: v for k, v in overrides.items() if k not in fields}
+    if cfg.classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier={cfg.classifier!r}; use one of {CLASSIFIERS}.")
+    family, variant = name.split("_", 1)  # "segformer" | "upernet" | "fcn", e.g. "b0"
+    kind = cfg.head_kind(name)
+    width = cfg.resolved_head_width(name)
+    encoder = create_encoder(_ENCODER_OF[family](variant), rngs=rngs, **encoder_overrides)
+    dtype = encoder_overrides.get("dtype")
+    head = _HEADS[kind](encoder.dims, width, cfg.dropout, dtype, rngs)
     aux_head = aux_classifier = None
-    if use_aux:
+    if cfg.uses_aux(name):
         aux_head = FCNHead(
             encoder.dims,
-            seg["aux_width"],
+            cfg.aux_width,
             in_index=2,
-            num_convs=seg["aux_num_convs"],
-            concat_input=seg["aux_concat_input"],
-            dropout=seg["dropout"],
+            num_convs=cfg.aux_num_convs,
+            concat_input=cfg.aux_concat_input,
+            dropout=cfg.dropout,
             dtype=dtype,
             rngs=rngs,
         )
-        aux_classifier = LinearClassifier(num_classes, seg["aux_width"], rngs=rngs)
+        aux_classifier = LinearClassifier(num_classes, cfg.aux_width, rngs=rngs)
+    classifier = _classifier(cfg, num_classes, width, rngs)
     return Segmentor(encoder, head, classifier, aux_head=aux_head, aux_classifier=aux_classifier)
+
+
+# segmentor family -> its encoder's name from the variant ("b0", "convnext_base", "resnet101_d8")
+_ENCODER_OF = {
+    "segformer": lambda variant: f"mit_{variant}",
+    "upernet": lambda variant: variant,
+    "fcn": lambda variant: f"{variant.removesuffix('_d8')}_v1c",
+}
+# head kind -> (encoder dims, width, dropout, dtype, rngs) -> head
+_HEADS = {
+    "mmseg": lambda dims, width, dropout, dtype, rngs: SegFormerHead(
+        dims, width, dropout=dropout, dtype=dtype, rngs=rngs
+    ),
+    "mlp": lambda dims, width, dropout, dtype, rngs: SegFormerMLPHead(
+        dims, width, dropout=dropout, dtype=dtype, rngs=rngs
+    ),
+    "upernet": lambda dims, width, dropout, dtype, rngs: UperNetHead(
+        dims, width, dropout=dropout, dtype=dtype, rngs=rngs
+    ),
+    "fcn": lambda dims, width, dropout, dtype, rngs: FCNHead(
+        dims,
+        width,
+        in_index=len(dims) - 1,
+        num_convs=2,
+        concat_input=True,
+        dropout=dropout,
+        dtype=dtype,
+        rngs=rngs,
+    ),
+}
+
+
+def _classifier(cfg: ModelConfig, num_classes: int, width: int, rngs: nnx.Rngs):
+    """The CBP classifier ``cfg`` describes, or the learned 1x1 one."""
+    if cfg.classifier == "linear":
+        return LinearClassifier(num_classes, width, rngs=rngs)
+    return CBPClassifier(
+        num_classes,
+        width,
+        length=cfg.cbp_length,
+        update=cfg.cbp_update,
+        init=cfg.cbp_init,
+        normalize_features=cfg.cbp_normalize_features,
+        allow_non_orthogonal=cfg.cbp_allow_non_orthogonal,
+        ema_momentum=cfg.cbp_ema_momentum,
+        penalty_weight=cfg.cbp_penalty_weight,
+        rngs=rngs,
+    )

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbp_jax.models import layers
+from cbp_jax.models import kernels, layers
 from cbp_jax.models.layers import Dtype
 
 
@@ -52,7 +52,7 @@ class ConvNeXtBlock(nnx.Module):
         self.drop_path = layers.DropPath(dpr, rngs=rngs)
 
     def __call__(self, x, *, train: bool):
-        y = self.fc2(layers.gelu(self.fc1(self.norm(self.dwconv(x)))))
+        y = self.fc2(kernels.gelu(self.fc1(self.norm(self.dwconv(x)))))
         y = y * self.gamma[...].astype(y.dtype)
         return x + self.drop_path(y, train=train)
 

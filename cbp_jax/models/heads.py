@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbp_jax.models import layers
+from cbp_jax import resize
+from cbp_jax.models import kernels, layers
 from cbp_jax.models.layers import ConvBNReLU, Dtype
 
 
@@ -41,7 +42,7 @@ def fuse_before_upsampling(
     out, start = None, 0
     for m in maps:
         width = m.shape[-1]
-        y = layers.resize_bilinear(layers.conv2d(m, kernel[:, :, start : start + width]), size)
+        y = resize.resize_bilinear(kernels.conv2d(m, kernel[:, :, start : start + width]), size)
         out = y if out is None else out + y
         start += width
     return out
@@ -144,16 +145,16 @@ class UperNetHead(nnx.Module):
         top = feats[-1]
         psp = [top]
         for scale, block in zip(self.pool_scales, self.psp, strict=True):
-            pooled = block(layers.adaptive_avg_pool(top, scale), train=train)
-            psp.append(layers.resize_bilinear(pooled, top.shape[1:3]))
+            pooled = block(resize.adaptive_avg_pool(top, scale), train=train)
+            psp.append(resize.resize_bilinear(pooled, top.shape[1:3]))
         lats = [conv(f, train=train) for conv, f in zip(self.lateral, feats[:-1], strict=True)]
         lats.append(self.bottleneck(jnp.concatenate(psp, axis=-1), train=train))
         for i in range(len(lats) - 1, 0, -1):
-            lats[i - 1] = lats[i - 1] + layers.resize_bilinear(lats[i], lats[i - 1].shape[1:3])
+            lats[i - 1] = lats[i - 1] + resize.resize_bilinear(lats[i], lats[i - 1].shape[1:3])
         outs = [conv(lat, train=train) for conv, lat in zip(self.fpn, lats[:-1], strict=True)]
         outs.append(lats[-1])
         size = outs[0].shape[1:3]
-        outs = [outs[0]] + [layers.resize_bilinear(o, size) for o in outs[1:]]
+        outs = [outs[0]] + [resize.resize_bilinear(o, size) for o in outs[1:]]
         x = self.fpn_bottleneck(jnp.concatenate(outs, axis=-1), train=train)
         return self.dropout(x, deterministic=not train)
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbp_jax.models import layers
+from cbp_jax.models import kernels, layers
 from cbp_jax.models.layers import Dtype
 
 
@@ -95,7 +95,7 @@ class EfficientAttention(nnx.Module):
         k = self.k(kv).reshape(b, hk, wk, n, d)
         v = self.v(kv).reshape(b, hk, wk, n, d)
         scores = jnp.einsum("bhwnd,bijnd->bnhwij", q, k)
-        attn = layers.softmax(scores.astype(jnp.float32), (-2, -1)).astype(v.dtype)
+        attn = kernels.softmax(scores.astype(jnp.float32), (-2, -1)).astype(v.dtype)
         out = jnp.einsum("bnhwij,bijnd->bhwnd", attn, v).reshape(b, h, w, c)
         return self.proj(out)
 
@@ -109,7 +109,7 @@ class MixFFN(nnx.Module):
         self.fc2 = layers.linear(hidden, dim, dtype, rngs)
 
     def __call__(self, x):
-        return self.fc2(layers.gelu(self.dwconv(self.fc1(x))))
+        return self.fc2(kernels.gelu(self.dwconv(self.fc1(x))))
 
 
 class MiTBlock(nnx.Module):

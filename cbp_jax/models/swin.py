@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cbp_jax.models import layers
+from cbp_jax.models import kernels, layers
 from cbp_jax.models.layers import Dtype
 
 
@@ -142,7 +142,7 @@ class WindowAttention(nnx.Module):
         scores = scores + bias.transpose(2, 0, 1)
         if mask is not None:
             scores = scores + jnp.asarray(mask)[:, :, None]
-        attn = layers.softmax(scores, -1).astype(v.dtype)
+        attn = kernels.softmax(scores, -1).astype(v.dtype)
         out = jnp.einsum("bijhnm,bijmhd->bijnhd", attn, v).reshape(b, nh, nw, n, c)
         return self.proj(out)
 
@@ -155,7 +155,7 @@ class SwinMLP(nnx.Module):
         self.fc2 = layers.linear(hidden, dim, dtype, rngs)
 
     def __call__(self, x):
-        return self.fc2(layers.gelu(self.fc1(x)))
+        return self.fc2(kernels.gelu(self.fc1(x)))
 
 
 class SwinBlock(nnx.Module):
