@@ -13,6 +13,8 @@ import glob
 import math
 import os
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -59,6 +61,45 @@ def gpus_on_node(environ: Mapping[str, str] | None = None) -> int:
     if environ.get("CUDA_VISIBLE_DEVICES") is not None:
         return len([d for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
     return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def accelerator_note(backend: str, devices_dir: str = "/dev") -> str | None:
+    """One line when this host has an accelerator that JAX does not use (``backend`` is
+    ``"cpu"``): an NVIDIA GPU (``nvidia-smi -L`` lists one) or TPU chips (``/dev/accel*``,
+    ``/dev/vfio/<n>``), with the command that installs the matching jaxlib. None otherwise."""
+    if backend != "cpu":
+        return None
+    fix = "pip install -e '.[{}]' (in a fresh environment), then check jax.devices()"
+    gpus = _nvidia_smi_gpus()
+    if gpus:
+        return (
+            f"JAX runs on CPU but this host has {len(gpus)} NVIDIA GPU(s) ({gpus[0]}): "
+            + fix.format("cuda12")
+            + "; use '.[cuda13]' with a CUDA 13 driver (nvidia-smi shows the driver's CUDA)."
+        )
+    chips = glob.glob(os.path.join(devices_dir, "accel*")) + glob.glob(
+        os.path.join(devices_dir, "vfio", "[0-9]*")
+    )
+    if chips:
+        return (
+            f"JAX runs on CPU but this host has TPU chips ({', '.join(sorted(chips)[:4])}): "
+            + fix.format("tpu")
+            + "."
+        )
+    return None
+
+
+def _nvidia_smi_gpus() -> list[str]:
+    """The lines of ``nvidia-smi -L`` that name a GPU (none without the tool or a driver)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.splitlines() if line.startswith("GPU ")]
 
 
 def launch_plan(

@@ -81,3 +81,28 @@ def test_gpus_on_node_without_starting_jax():
     assert sharding.gpus_on_node({"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0"}) == 4
     assert sharding.gpus_on_node({"CUDA_VISIBLE_DEVICES": "0,1,2"}) == 3
     assert sharding.gpus_on_node({"CUDA_VISIBLE_DEVICES": ""}) == 0
+
+
+def _fake_nvidia_smi(folder, listing: str) -> None:
+    """An executable ``nvidia-smi`` that prints ``listing`` for ``-L``."""
+    tool = folder / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\ncat <<'EOF'\n{listing}\nEOF\n")
+    tool.chmod(0o755)
+
+
+def test_accelerator_note_names_the_install_when_jax_runs_on_cpu(tmp_path, monkeypatch):
+    bin_dir, dev = tmp_path / "bin", tmp_path / "dev"
+    bin_dir.mkdir()
+    dev.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert sharding.accelerator_note("cpu", str(dev)) is None  # nothing here
+    (dev / "accel0").touch()
+    note = sharding.accelerator_note("cpu", str(dev))
+    assert "TPU" in note and "'.[tpu]'" in note and "accel0" in note
+    _fake_nvidia_smi(bin_dir, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\nGPU 1: NVIDIA H100")
+    note = sharding.accelerator_note("cpu", str(dev))
+    assert "2 NVIDIA GPU(s) (GPU 0: NVIDIA H100 80GB HBM3" in note and "'.[cuda12]'" in note
+    assert sharding.accelerator_note("gpu", str(dev)) is None  # JAX uses it
+    _fake_nvidia_smi(bin_dir, "No devices were found")  # the tool without a GPU
+    (dev / "accel0").unlink()
+    assert sharding.accelerator_note("cpu", str(dev)) is None

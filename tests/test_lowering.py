@@ -26,6 +26,11 @@ CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w.$-]+)")
 # One argument of @main in as_text(debug_info=True): %argN: tensor<...> {attributes} loc("name")
 MAIN_ARG = re.compile(r'%arg\d+: tensor<[^>]*>(?: \{((?:[^{}]|\{[^{}]*\})*)\})? loc\("([^"]*)"\)')
 CPU_SCOPES = ("dwconv_shifted", "class_sums_by_slices")
+# Inputs a program may leave unread (jit prunes them from @main): the dropout / drop-path
+# RNG state of blocks whose rate is 0, the optimizer's injected learning rate (the schedule
+# computes it), and at evaluation every RNG state and the auxiliary head.
+UNUSED_IN_TRAIN = re.compile(r"\['rngs'\]|\.hyperparams\['learning_rate'\]")
+UNUSED_IN_EVAL = re.compile(r"\['rngs'\]|\['aux_(head|classifier)'\]")
 
 FAMILIES = {  # config, whether its encoder has depthwise convolutions
     "segformer_b5": ("ade20k_mit_b5", True),
@@ -56,7 +61,9 @@ def _main_args(text: str) -> dict[str, str]:
     return {name: attrs or "" for attrs, name in MAIN_ARG.findall(signature)}
 
 
-def _check_module(lowered, platform: str, inputs: dict, depthwise: bool) -> dict[str, int]:
+def _check_module(
+    lowered, platform: str, inputs: dict, depthwise: bool, may_be_unused: re.Pattern
+) -> dict[str, int]:
     """Checks a lowered program; returns counts of what it checked."""
     text = lowered.as_text(debug_info=True)
     assert "mhlo.num_partitions = 8 : i32" in text
@@ -71,12 +78,12 @@ def _check_module(lowered, platform: str, inputs: dict, depthwise: bool) -> dict
     checked = fsdp = 0
     for name, (sharding, ndim) in inputs.items():
         if name not in args:  # an input the program never reads is pruned
+            assert may_be_unused.search(name), f"{platform}: {name} is not an input"
             continue
         want = f"#sdy.sharding<@mesh, {_sdy_dims(sharding.spec, ndim)}>"
         assert want in args[name], f"{platform}: {name} has {args[name]!r}, want {want}"
         checked += 1
         fsdp += '"fsdp"' in want
-    assert checked >= 0.9 * len(inputs), f"{platform}: only {checked} of {len(inputs)} checked"
     return {"checked": checked, "fsdp": fsdp}
 
 
@@ -121,11 +128,11 @@ def test_train_and_eval_steps_lower_for_tpu_and_cuda(model):
 
     for platform in PLATFORMS:
         lowered = traced.lower(lowering_platforms=(platform,))
-        counts = _check_module(lowered, platform, train_inputs, depthwise)
+        counts = _check_module(lowered, platform, train_inputs, depthwise, UNUSED_IN_TRAIN)
         assert counts["fsdp"] > 50, counts  # the encoder's weights and their moments
         assert '"data", "fsdp"' in _main_args(lowered.as_text(debug_info=True))["batch['image']"]
         lowered = eval_traced.lower(lowering_platforms=(platform,))
-        counts = _check_module(lowered, platform, eval_inputs, depthwise)
+        counts = _check_module(lowered, platform, eval_inputs, depthwise, UNUSED_IN_EVAL)
         assert counts["fsdp"] > 20, counts
 
 
