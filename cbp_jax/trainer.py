@@ -110,6 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         logging.info("workdir %s", workdir)
         logging.info("%s", factories.describe_devices(mesh))
+        if note := sharding.accelerator_note(jax.default_backend()):
+            logging.warning("%s", note)
         with jax.set_mesh(mesh):
             return _train_in_workdir(config, workdir, mesh, preemption)
     finally:
