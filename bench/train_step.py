@@ -27,8 +27,8 @@ UperNet-ConvNeXt (``--model upernet_convnext_*``) is compared with transformers'
 ``UperNetForSemanticSegmentation`` (ConvNeXt backbone, auxiliary FCN head, CE + 0.4 x aux).
 
 Variants are stepped round-robin after a warm-up, so slow drift of the machine hits all of
-them alike; the table shows medians and the spread (min-max). Inference is the eval-mode
-forward at the same shapes. Speedups are PyTorch time / cbp_jax time.
+them alike; the table shows medians and the spread (10th-90th percentile). Inference is the
+eval-mode forward at the same shapes. Speedups are PyTorch time / cbp_jax time, from medians.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from cbp_jax import losses, sharding, train_lib  # noqa: E402
+from cbp_jax import factories, losses, sharding, train_lib  # noqa: E402
 from cbp_jax.factories import model_from_config  # noqa: E402
 from configs import common  # noqa: E402
 
@@ -100,24 +100,13 @@ class JaxVariant:
 
     def __init__(self, config, images: np.ndarray, labels: np.ndarray):
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-        model = model_from_config(config)
-        self.graphdef, params, _ = train_lib.split_model(model)
-        tx = train_lib.make_optimizer(model, params, config.optimizer, config.total_steps)
-        state = train_lib.init_state(model, tx)
-        del model
-        state_shardings = sharding.state_shardings(state, (), mesh)  # replicated
-        self.state = jax.device_put(state, state_shardings)
-        batch_sharding = sharding.batch_sharding(mesh)
-        loss_cfg = losses.LossConfig.from_config(config)
-        self.step_fn = jax.jit(
-            train_lib.make_train_step(self.graphdef, tx, loss_cfg),
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
+        setup = factories.TrainSetup(config, mesh)  # as train.py builds it
+        self.graphdef = setup.graphdef
+        self.state = setup.init_state()
+        self.step_fn = setup.train_step()
         self.predict_fn = jax.jit(train_lib.make_predict_fn(self.graphdef))
         self.batch = jax.device_put(
-            {"image": jnp.asarray(images), "label": jnp.asarray(labels)}, batch_sharding
+            {"image": jnp.asarray(images), "label": jnp.asarray(labels)}, setup.batch_sharding
         )
         # Compiled ahead (jit's later calls reuse it) for the memory analysis.
         self.memory_mb = compiled_memory_mb(self.step_fn.lower(self.state, self.batch).compile())
@@ -294,9 +283,15 @@ def round_robin(variants: dict, method: str, warmup: int, repeats: int) -> dict[
     return times
 
 
+def spread(ts: list[float]) -> tuple[float, float, float]:
+    """(median, 10th percentile, 90th percentile) of timings."""
+    p10, p90 = np.percentile(ts, [10, 90])
+    return statistics.median(ts), float(p10), float(p90)
+
+
 def _row(name, ts, batch):
-    med = statistics.median(ts)
-    return f"| {name} | {med:.3f} | {min(ts):.3f}-{max(ts):.3f} | {batch / med:.1f} |"
+    med, p10, p90 = spread(ts)
+    return f"| {name} | {med:.3f} | {p10:.3f}-{p90:.3f} | {p90 / p10:.2f} | {batch / med:.1f} |"
 
 
 def batch_arrays(batch, size, num_classes, seed=0):
@@ -401,7 +396,7 @@ def main():
     ap.add_argument("--one-device", action="store_true", help="one CPU device for all cores")
     args = ap.parse_args()
     if args.quick:
-        args.model, args.batch, args.size, args.steps = "segformer_b0", 8, 256, 6
+        args.model, args.batch, args.size, args.steps = "segformer_b0", 8, 256, 15
     if args.memory:
         remats = (False,) if args.memory_no_remat else (False, True)
         memory_report("segformer_b5", 2, 512, 150, tuple(args.memory_dtypes.split(",")), remats)
@@ -436,7 +431,8 @@ def main():
     t0 = time.perf_counter()
     train = round_robin(variants, "step", args.warmup, args.steps)
     print(f"\nTrain step ({args.steps} rounds after {args.warmup} warm-up):\n")
-    print("| variant | median (s) | min-max (s) | images/s | memory (MB) |\n|---|---|---|---|---|")
+    print("| variant | median (s) | p10-p90 (s) | p90/p10 | images/s | memory (MB) |")
+    print("|---|---|---|---|---|---|")
     for k, ts in train.items():
         mb = variants[k].memory_mb
         print(f"{_row(k, ts, args.batch)} {'-' if np.isnan(mb) else f'{mb:.0f}'} |")
@@ -448,7 +444,7 @@ def main():
             infer_variants[key] = variants[key]
     infer = round_robin(infer_variants, "infer", 2, max(args.steps, 5))
     print("\nInference, eval-mode forward:\n")
-    print("| variant | median (s) | min-max (s) | images/s |\n|---|---|---|---|")
+    print("| variant | median (s) | p10-p90 (s) | p90/p10 | images/s |\n|---|---|---|---|---|")
     for k, ts in infer.items():
         print(_row(k, ts, args.batch))
     med = {k: statistics.median(ts) for k, ts in train.items()}

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,20 +24,39 @@ def free_port() -> int:
 def run_processes(
     script: str, *args: str, num_processes: int = 2, timeout: float = 400
 ) -> list[str]:
-    """Runs ``script`` as ``num_processes`` processes; returns their stdouts in process order.
+    """Runs the Python ``script`` as ``num_processes`` processes, each with ``sys.argv[1:] =
+    [port, process id, *args]``; returns their stdouts in process order."""
+    return run_commands(
+        lambda port, i: [sys.executable, "-c", script, str(port), str(i), *map(str, args)],
+        num_processes=num_processes,
+        timeout=timeout,
+    )
 
-    A process that fails (or outlives ``timeout``) fails the test with its stderr's tail; the
-    others are killed rather than left waiting on the coordinator.
+
+def run_commands(
+    command_of: Callable[[int, int], list[str]],
+    *,
+    num_processes: int = 2,
+    timeout: float = 400,
+    env: dict[str, str] | None = None,
+) -> list[str]:
+    """Runs ``command_of(coordinator port, process id)`` for every process at once; returns
+    their stdouts (stderr folded in) in process order.
+
+    A process that fails (or outlives ``timeout``) fails the test with its output's tail; the
+    others are killed rather than left waiting on the coordinator. ``env`` (default: this
+    one's, with the repository on ``PYTHONPATH`` and no ``XLA_FLAGS``) is each one's.
     """
-    port = str(free_port())
-    env = {**os.environ, "PYTHONPATH": REPO}
-    env.pop("XLA_FLAGS", None)
+    port = free_port()
+    if env is None:
+        env = {**os.environ, "PYTHONPATH": REPO}
+        env.pop("XLA_FLAGS", None)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script, port, str(i), *map(str, args)],
+            command_of(port, i),
             cwd=REPO,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
             env=env,
         )
@@ -45,9 +65,9 @@ def run_processes(
     outs = []
     try:
         for i, proc in enumerate(procs):
-            stdout, stderr = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, f"process {i} failed:\n{stderr[-3000:]}"
-            outs.append(stdout)
+            output, _ = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"process {i} failed:\n{output[-3000:]}"
+            outs.append(output)
     finally:
         for proc in procs:
             if proc.poll() is None:

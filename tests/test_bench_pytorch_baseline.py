@@ -58,6 +58,7 @@ def uninterrupted(camvid, tmp_path_factory):
     return workdir, summary
 
 
+@pytest.mark.slow
 def test_two_steps_write_a_report(uninterrupted):
     workdir, summary = uninterrupted
     with open(os.path.join(workdir, "eval", "report.json")) as f:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from config_helpers import load_config
 
 from cbp_jax import compilation, eval_lib, trainer
@@ -43,6 +44,7 @@ def test_cache_dir_setting(tmp_path):
     assert compilation.cache_dir("/c", "w") == "/c"
 
 
+@pytest.mark.slow
 def test_evaluating_a_trained_workdir_compiles_nothing_new(tmp_path):
     config = load_config("scenes_mit_b0")
     config.total_steps = 2

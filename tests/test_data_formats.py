@@ -132,6 +132,7 @@ def test_doctor_lists_every_bad_file(tmp_path):
     assert reports[0].ignore_pixels == int((labels == 255).sum())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CAMVID_ROOT is None, reason="CamVid not found (CBP_CAMVID_ROOT)")
 def test_doctor_on_camvid_reports_absent_test_split():
     run = _cli(

@@ -94,6 +94,7 @@ def test_resume_gives_the_same_batches():
             ld.set_state(state)
 
 
+@pytest.mark.slow
 def test_global_arrays_workers_and_resume():
     """8 fake devices, 2 worker processes: the same batches as in-process, resumable."""
     src = data.make_source("scenes", split="train", num_images=12)

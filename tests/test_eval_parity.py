@@ -13,6 +13,7 @@ from cbp_jax import eval_lib, models, weights
 pytestmark = pytest.mark.parity
 
 
+@pytest.mark.slow
 def test_converted_hf_segformer_predicts_the_same_classes(tmp_path):
     num_classes = 9
     hf = randomize_(

@@ -69,6 +69,7 @@ _CONSUMER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_jax_export_runs_without_cbp_jax(tmp_path):
     """export.py --to jax from a workdir; a fresh process that imports only jax and numpy
     runs the artifact on a batch of 3 (the batch is symbolic) and gets the Segmenter's
@@ -110,6 +111,7 @@ def _hf_config(classifier: str):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 @pytest.mark.parametrize("classifier", ["cbp", "linear"])
 def test_hf_export_gives_our_logits_in_pytorch(tmp_path, classifier):

@@ -265,6 +265,7 @@ def test_occl_bad_input_errors_at_trace_time(
 # ---------------------------------------------------------------- sharding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
 def test_occl_sharded_over_8_devices_equals_single_device(axis_type):
     features, labels, protos = _data(12, b=8, h=8, w=8, c=32, n=9)

@@ -116,6 +116,7 @@ TINY_RESNET = dict(stem_channels=8, base_channels=4)
         ("resnet50_v1c", TINY_RESNET),
     ],
 )
+@pytest.mark.slow
 def test_remat_gives_the_same_outputs_and_gradients(name, extra):
     overrides = dict(depths=(1, 1, 1, 1), drop_path_rate=0.0, **extra)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
@@ -222,6 +223,7 @@ def test_batchnorm_eval_uses_running_stats_and_does_not_update():
     ("name", "dims"),
     [("mit_small", (32, 64, 160, 256)), ("convnext_small", SMALL_CNX["dims"])],
 )
+@pytest.mark.slow
 def test_encoder_output_shapes(name, dims, request):
     enc = request.getfixturevalue(name)
     feats = _call(enc, jnp.zeros((2, 64, 96, 3)), False)
@@ -230,6 +232,7 @@ def test_encoder_output_shapes(name, dims, request):
     ]
 
 
+@pytest.mark.slow
 def test_drop_path_is_stochastic_in_training_only(mit_small):
     enc = mit_small
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
@@ -239,6 +242,7 @@ def test_drop_path_is_stochastic_in_training_only(mit_small):
     assert not np.allclose(t1[-1], t2[-1])  # the dropout stream advances between calls
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params(convnext_small):
     f32 = convnext_small
     over = dict(SMALL_CNX, drop_path_rate=0.0)
@@ -274,6 +278,7 @@ def test_segformer_segmentor_contract(segformer_small):
     )
 
 
+@pytest.mark.slow
 def test_train_step_updates_params_and_bn_stats_not_prototypes(segformer_small):
     model = segformer_small
     protos = np.asarray(model.classifier.prototypes[...]).copy()
@@ -301,6 +306,7 @@ def test_train_step_updates_params_and_bn_stats_not_prototypes(segformer_small):
     np.testing.assert_array_equal(model.classifier.prototypes[...], protos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
 def test_segmentor_train_forward_sharded_equals_single_device(segformer_small, axis_type):
     x = np.random.default_rng(2).normal(size=(8, 32, 32, 3)).astype(np.float32)
@@ -321,6 +327,7 @@ def test_segmentor_train_forward_sharded_equals_single_device(segformer_small, a
     )
 
 
+@pytest.mark.slow
 def test_upernet_segmentor_has_aux_logits():
     model = models.create(
         "upernet_convnext_tiny",
@@ -384,6 +391,7 @@ def test_relative_position_index_matches_mmseg_formula():
     np.testing.assert_array_equal(swin.relative_position_index(w), np.flip(seq + seq.T, axis=1))
 
 
+@pytest.mark.slow
 def test_swin_stochastic_depth_only_when_training():
     enc = models.create_encoder(
         "swin_tiny",
@@ -402,6 +410,7 @@ def test_swin_stochastic_depth_only_when_training():
     assert np.all(np.isfinite(t[-1])) and not np.allclose(t[-1], a[-1])
 
 
+@pytest.mark.slow
 def test_fcn_segmentor_output_stride_8_and_heads():
     model = models.create(
         "fcn_resnet101_d8",

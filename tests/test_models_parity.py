@@ -57,6 +57,7 @@ def test_segformer_model_b0_stages(hf_b0, b0_encoder):
         _close(ours, ref)
 
 
+@pytest.mark.slow
 def test_segformer_model_b2_shaped_stages(tmp_path):
     depths = [1, 2, 2, 1]
     cfg = T.SegformerConfig(
@@ -71,6 +72,7 @@ def test_segformer_model_b2_shaped_stages(tmp_path):
         _close(ours, ref)
 
 
+@pytest.mark.slow
 def test_segformer_for_semantic_segmentation_logits(tmp_path):
     hf = randomize_(T.SegformerForSemanticSegmentation(T.SegformerConfig(num_labels=7)), seed=4)
     hf.save_pretrained(tmp_path)
@@ -165,6 +167,7 @@ def _mmseg_keys(sd):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["nvlabs", "mmseg", "hf5", "hf_bin"])
 def test_mit_other_layouts(hf_b0, b0_encoder, tmp_path, layout):
     hf, hf_path = hf_b0
@@ -225,6 +228,7 @@ class _MMSegSegformerHead(torch.nn.Module):
         return self.conv_seg(self.fusion_conv(torch.cat(outs, dim=1)))
 
 
+@pytest.mark.slow
 def test_mmseg_segformer_head_and_checkpoint(hf_b0, tmp_path):
     hf, hf_path = hf_b0
     head = randomize_(_MMSegSegformerHead([32, 64, 160, 256], 256, 6), seed=14)
@@ -267,6 +271,7 @@ def _hf_maps(hf, xt):
         return [nhwc(f) for f in hf(xt).feature_maps]
 
 
+@pytest.mark.slow
 def test_convnext_backbone_tiny(hf_convnext_tiny, convnext_encoder):
     hf, path = hf_convnext_tiny
     x, xt = images(1, 64, 64, seed=8)
@@ -355,6 +360,7 @@ def _hf_out_norms_into(enc, hf):
 SMALL_CNX = dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("aux_convs", "concat"), [(1, False), (2, True)])
 def test_upernet_logits_and_aux(tmp_path, aux_convs, concat):
     backbone = T.ConvNextConfig(**SMALL_CNX, out_features=OUT)

@@ -56,6 +56,7 @@ def _hf_maps(hf, xt):
         return [nhwc(f) for f in hf(xt).feature_maps]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", list(SIZES))
 def test_swin_backbone_stages(hf_swin, swin_encoder, size):
     hf, path = hf_swin
@@ -67,6 +68,7 @@ def test_swin_backbone_stages(hf_swin, swin_encoder, size):
         assert_close(ours, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", list(SIZES))
 def test_upernet_swin_logits_and_aux(tmp_path, size):
     backbone = T.SwinConfig(**SWIN, out_features=OUT)
@@ -228,6 +230,7 @@ def fcn_model():
     )
 
 
+@pytest.mark.slow
 def test_fcn_resnet_v1c_matches_mmseg_reference(torch_fcn, fcn_model, tmp_path):
     torch.save({"state_dict": torch_fcn.state_dict(), "meta": {}}, tmp_path / "fcn.pth")
     report = weights.load_pretrained(fcn_model, tmp_path / "fcn.pth")

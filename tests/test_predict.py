@@ -73,6 +73,7 @@ class _Relabelled:
         return getattr(self.source, name)
 
 
+@pytest.mark.slow
 def test_from_workdir_restores_the_checkpoint(run, segmenter):
     _, _, saved = run
     assert segmenter.loaded_from.endswith(f"step {STEP}")
@@ -86,6 +87,7 @@ def test_from_workdir_restores_the_checkpoint(run, segmenter):
     [{"mode": "whole"}, {"mode": "slide", "crop": (48, 48), "stride": (32, 32)}],
     ids=["whole", "slide"],
 )
+@pytest.mark.slow
 def test_predictions_equal_evaluation(run, mode):
     """Evaluation over the 8-device mesh, scored against the Segmenter's classes: every
     pixel agrees (aAcc 100) on images of the data set's own test pipeline."""
@@ -111,6 +113,7 @@ def test_predictions_equal_evaluation(run, mode):
     assert result["aAcc"] == 100.0, result["aAcc"]
 
 
+@pytest.mark.slow
 def test_batches_logits_and_compiled_reuse(segmenter):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 50, 70, 3), dtype=np.uint8)
@@ -174,6 +177,7 @@ def _inputs(tmp_path):
     return [str(folder), str(tmp_path / "c.png"), str(tmp_path / "clip.mp4")], images
 
 
+@pytest.mark.slow
 def test_predict_files_writes_labels_overlays_and_videos(segmenter, tmp_path):
     inputs, images = _inputs(tmp_path)
     out = tmp_path / "out"
@@ -228,6 +232,7 @@ def test_bad_inputs_are_named(tmp_path):
         predict.read_video(str(tmp_path / "broken.mp4"))
 
 
+@pytest.mark.slow
 def test_predict_cli(run, tmp_path):
     """predict.py end to end: an image and a video in, PNGs, overlays and a video out; a
     missing input stops before the model loads, naming the file."""

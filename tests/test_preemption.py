@@ -1,6 +1,5 @@
 """SIGTERM: one process's flag, and the step several processes agree on (Orbax + JAX)."""
 
-import json
 import os
 import signal
 
@@ -48,7 +47,7 @@ for step in range(1, 200):
     if watcher.reached(step, manager):
         stop = step
         break
-print(json.dumps({"stop": stop, "python_handler_ran": watcher.requested}))
+print("RESULT" + json.dumps({"stop": stop, "python_handler_ran": watcher.requested}))
 """
 
 
@@ -56,7 +55,7 @@ print(json.dumps({"stop": stop, "python_handler_ran": watcher.requested}))
 def test_two_processes_stop_at_the_same_step(tmp_path):
     """A SIGTERM to process 0 only: both processes stop (and would save) at one step."""
     outs = multiprocess.run_processes(_SCRIPT, tmp_path / "ckpt", timeout=300)
-    results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    results = [multiprocess.result(out) for out in outs]
     assert results[0]["stop"] is not None and results[0]["stop"] > 3, results
     assert results[0]["stop"] == results[1]["stop"], results
     # JAX's C++ handler took the signal: Python's flag stayed False on the signalled process.

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cbp_jax import demo
 from cbp_jax import prototypes as cbp
 
 
@@ -34,6 +35,7 @@ def test_orthogonal_and_equal_length(n, c, length):
     np.testing.assert_allclose(np.linalg.norm(w.astype(np.float64), axis=1), length, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_many_random_shapes_and_keys():
     rng = np.random.default_rng(0)
     for _ in range(12):
@@ -147,3 +149,12 @@ def test_class_separability_eq8():
     )
     # Identical prototypes: every pair has cos 1, so CS = N (N - 1) / 2.
     np.testing.assert_allclose(cbp.class_separability(jnp.ones((5, 3))), 10.0, rtol=1e-6)
+
+
+def test_demo_prints_the_geometry(capsys):
+    """``python -m cbp_jax.demo``: orthogonal, equal-length prototypes and a finite OCCL."""
+    demo.main(num_classes=12, dim=16)
+    out = capsys.readouterr().out
+    cos = float(out.split("i != j : ")[1].split()[0])
+    assert cos < 1e-5 and "1.000000 .. 1.000000" in out
+    assert "OCCL on random features" in out and "nan" not in out

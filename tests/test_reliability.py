@@ -125,6 +125,7 @@ def _lock_holder(path):
     return proc
 
 
+@pytest.mark.slow
 def test_second_process_on_a_workdir_stops_naming_the_holder(tmp_path):
     holder = _lock_holder(tmp_path)
     try:
@@ -180,6 +181,7 @@ def test_resume_with_another_config_stops_before_writing(tmp_path):
         workdir_lib.check_eval_config(str(tmp_path), tiny_config(**{"model.depths": (2, 2, 2, 2)}))
 
 
+@pytest.mark.slow
 def test_eval_on_an_empty_workdir_stops_at_once_and_creates_nothing(tmp_path):
     workdir = tmp_path / "never_trained"
     result = _run(["eval.py", "--config", "configs/scenes_mit_b0.py:smoke", "--workdir", workdir])
@@ -208,6 +210,7 @@ def test_bad_config_values_are_named_with_their_fix():
     config_checks.validate(load_config("scenes_mit_b0"))  # the shipped configs are valid
 
 
+@pytest.mark.slow
 def test_unknown_override_names_the_nearest_fields():
     config = load_config("scenes_mit_b0")
     message = config_checks.unknown_override_message(["--config.optimizer.lrr=1"], config)

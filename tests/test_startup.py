@@ -279,6 +279,7 @@ def test_startup_logs_finished_rerun_and_eval_py(tmp_path, caplog, capsys):
 @pytest.mark.parametrize(
     "path", sorted(glob.glob(os.path.join(ROOT, "examples", "*.py"))), ids=os.path.basename
 )
+@pytest.mark.slow
 def test_example_runs(path):
     run = _run([path], timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -51,6 +51,7 @@ def test_every_config_parses(name, arg):
 @pytest.mark.parametrize(
     "name,arg", [(n, None) for n in DISTINCT_MODELS] + [("ade20k_mit_b0", "baseline,smoke")]
 )
+@pytest.mark.slow
 def test_every_config_builds_its_model_abstractly(name, arg):
     config = load_config(name, arg)
     model = nnx.eval_shape(lambda: factories.model_from_config(config))
@@ -309,6 +310,7 @@ OPTIMIZER_RECIPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", OPTIMIZER_RECIPES)
 def test_optimizer_matches_numpy_param_groups(recipe):
     config = load_config("ade20k_mit_b0", "smoke")
@@ -364,6 +366,7 @@ def _batch(config, seed=0):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("update", ["frozen", "gradient", "ema", "penalty"])
 def test_train_step_variants_compile_once(update):
     config = _tiny(update)
@@ -405,6 +408,7 @@ def _prototypes(setup, state):
     ).classifier.class_weights()
 
 
+@pytest.mark.slow
 def test_init_from_loads_encoder_weights(tmp_path):
     import transformers as T
 
