@@ -13,9 +13,10 @@ training writes for the same step, unless ``--out`` says otherwise. The workdir 
 ``workdirs/<config>[_<variants>]``, as for ``train.py``.
 """
 
-from cbp_jax import cpu
+from cbp_jax import cpu, storage
 
 cpu.use_cores_as_devices()  # before JAX starts: data parallelism over the cores of a CPU host
+storage.use_emulator_if_set()  # STORAGE_EMULATOR_HOST set: every GCS client to the emulator
 
 import os  # noqa: E402
 

@@ -15,15 +15,19 @@ writes a ``SegformerForSemanticSegmentation`` folder, CBP prototypes as its clas
 Both load the model as ``predict.py`` does (``--workdir`` / ``--step`` or ``--weights``).
 """
 
-import os
+from cbp_jax import storage
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+storage.use_emulator_if_set()  # STORAGE_EMULATOR_HOST set: every GCS client to the emulator
 
-from cbp_jax import config_checks, errors
-from cbp_jax import export as export_lib
-from cbp_jax import predict as predict_lib
-from cbp_jax import workdir as workdir_lib
+import os  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from cbp_jax import config_checks, errors  # noqa: E402
+from cbp_jax import export as export_lib  # noqa: E402
+from cbp_jax import predict as predict_lib  # noqa: E402
+from cbp_jax import workdir as workdir_lib  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(

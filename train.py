@@ -11,10 +11,11 @@ trained and evaluated says so and stops. Logs: start-up, then every config.log_e
 the metrics, steps/s, images/s and the ETA (--verbosity=0 shows every library's INFO logs).
 """
 
-from cbp_jax import cpu, preemption
+from cbp_jax import cpu, preemption, storage
 
 preemption.watch()  # before the heavy imports: a SIGTERM during start-up exits cleanly
 cpu.use_cores_as_devices()  # before JAX starts: data parallelism over the cores of a CPU host
+storage.use_emulator_if_set()  # STORAGE_EMULATOR_HOST set: every GCS client to the emulator
 
 import os  # noqa: E402
 

@@ -5,6 +5,7 @@ keys as their raw key data), so any pytree (NNX states, optax NamedTuples) round
 restoring onto an abstract, sharded target places every array directly on its devices.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -14,8 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
-from etils import epath
 
+from cbp_jax import storage
 from cbp_jax.sharding import path_name
 
 
@@ -122,6 +123,17 @@ def _folder_mib(path: str) -> float:
     return total / 2**20
 
 
+def _space_note(directory: str, step_dir: str | None) -> str:
+    """How large a checkpoint is and how much room the disk has; "" for an object store."""
+    if not storage.is_local(directory):
+        return ""
+    usage = shutil.disk_usage(directory)
+    note = f"That disk has {usage.free / 2**20:.0f} MiB free of {usage.total / 2**20:.0f} MiB. "
+    if step_dir is not None:
+        note += f"One checkpoint takes {_folder_mib(step_dir):.0f} MiB. "
+    return note
+
+
 class Checkpointer:
     """Periodic, asynchronous, keep-N checkpoints of (train state, data state, config).
 
@@ -131,14 +143,14 @@ class Checkpointer:
     checkpoints that do not restore.
 
     Args:
-      directory: absolute or relative folder (``<workdir>/checkpoints``).
+      directory: absolute or relative folder, or a ``gs://`` URL (``<workdir>/checkpoints``).
       every: save every ``every`` steps (``save(force=True)`` saves any step).
       keep: how many recent checkpoints to keep.
       async_save: write in a background thread while training goes on.
     """
 
     def __init__(self, directory: str, *, every: int, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = os.fspath(storage.resolve(directory))
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,
             max_to_keep=keep,
@@ -187,37 +199,41 @@ class Checkpointer:
             error = None
         except Exception as e:  # noqa: BLE001 -- reported in the CheckpointSaveError
             error = e
-        if error is not None or not os.path.isdir(os.path.join(self.directory, str(step))):
+        if error is not None or not (storage.path(self.directory) / str(step)).is_dir():
             raise self._save_error(step, error)
 
     def _save_error(self, step: int, cause: Exception | None) -> CheckpointSaveError:
-        """The one message for a failed save; removes its partial ``*.orbax-checkpoint-tmp``."""
-        partial = [
-            os.path.join(self.directory, d)
-            for d in os.listdir(self.directory)
-            if d.startswith(f"{step}.orbax-checkpoint-tmp")
-        ]
+        """The one message for a failed save; removes its partial write (Orbax's temporary
+        folder, or on GCS the unfinished step)."""
+        folder = storage.path(self.directory)
+        names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        # A partial write: Orbax's temporary folder, or (on GCS, written in place) the step.
+        partial = [n for n in names if n.startswith(f"{step}.orbax-checkpoint-tmp")]
+        partial += [] if storage.is_local(folder) else [n for n in names if n == str(step)]
         if jax.process_index() == 0:
-            for path in partial:
-                shutil.rmtree(path, ignore_errors=True)
-        earlier = sorted(
-            int(d) for d in os.listdir(self.directory) if d.isdigit() and d != str(step)
-        )
-        usage = shutil.disk_usage(self.directory)
+            for name in partial:
+                with contextlib.suppress(OSError):
+                    (folder / name).rmtree()
+        earlier = sorted(int(n) for n in names if n.isdigit() and n != str(step))
         reason = str(cause).strip().splitlines()[0][:400] if cause else "the write did not finish"
+        room = _space_note(
+            self.directory, os.fspath(folder / str(earlier[-1])) if earlier else None
+        )
         if earlier:
-            size = _folder_mib(os.path.join(self.directory, str(earlier[-1])))
-            kept = (
-                f"One checkpoint takes {size:.0f} MiB. The earlier checkpoints (steps "
-                f"{earlier}) are intact; the partial write was removed."
+            kept = f"The earlier checkpoints (steps {earlier}) are intact"
+        else:
+            kept = "No earlier checkpoint exists"
+        if storage.is_local(folder):
+            fix = (
+                "Free space there (or lower --config.checkpoint.keep, or pass a --workdir on a "
+                "larger disk)"
             )
         else:
-            kept = "No earlier checkpoint exists; the partial write was removed."
+            fix = "Check the bucket's quota and permissions (or lower --config.checkpoint.keep)"
         return CheckpointSaveError(
             f"Saving the checkpoint of step {step} in {self.directory} failed: {reason}. "
-            f"That disk has {usage.free / 2**20:.0f} MiB free of {usage.total / 2**20:.0f} MiB. "
-            f"{kept} Free space there (or lower --config.checkpoint.keep, or pass a --workdir "
-            "on a larger disk), then rerun the same command to resume."
+            f"{room}{kept}; the partial write was removed. {fix}, then rerun the same command "
+            "to resume."
         )
 
     def _check_layout(self, step: int, target) -> None:
@@ -232,7 +248,7 @@ class Checkpointer:
             return
         missing, extra = sorted(expected - saved), sorted(saved - expected)
         raise CheckpointLayoutError(
-            f"The checkpoint {os.path.join(self.directory, str(step))} holds another train "
+            f"The checkpoint {storage.path(self.directory) / str(step)} holds another train "
             f"state than this run builds: {len(missing)} entries missing (e.g. {missing[:3]}), "
             f"{len(extra)} not expected (e.g. {extra[:3]}). It was written by another model or "
             "optimizer configuration, or by cbp_jax before the optimizer state became "
@@ -279,7 +295,7 @@ class Checkpointer:
                 absl_logging.warning(
                     "The checkpoint %s does not restore (%s: %s); moved it to %s and trying "
                     "the previous step.",
-                    os.path.join(self.directory, str(step)),
+                    storage.path(self.directory) / str(step),
                     type(e).__name__,
                     reason,
                     moved,
@@ -300,15 +316,15 @@ class Checkpointer:
     def _set_aside(self, step: int) -> str:
         """Renames the folder of ``step`` to ``<step>.broken`` (``.broken2`` ...): out of
         Orbax's sight, still on disk."""
-        source = os.path.join(self.directory, str(step))
-        target, n = source + ".broken", 1
-        while os.path.exists(target):
+        source = storage.path(self.directory) / str(step)
+        target, n = source.with_name(f"{step}.broken"), 1
+        while target.exists():
             n += 1
-            target = f"{source}.broken{n}"
+            target = source.with_name(f"{step}.broken{n}")
         if jax.process_index() == 0:
-            os.rename(source, target)
+            source.rename(target)
         self.manager.reload()
-        return target
+        return os.fspath(target)
 
     def wait(self) -> None:
         """Waits for the background write; raises :class:`CheckpointSaveError` if it failed."""
@@ -337,13 +353,13 @@ def restore_subset(directory: str, step: int, target):
     Raises:
       CheckpointLayoutError: the checkpoint lacks entries of ``target``.
     """
-    path = os.path.join(os.path.abspath(directory), str(step), STATE_ITEM)
+    path = storage.resolve(directory) / str(step) / STATE_ITEM
     with ocp.PyTreeCheckpointer() as checkpointer:
-        saved = set(ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree)
+        saved = set(ocp.PyTreeCheckpointHandler().metadata(path).tree)
         missing = sorted(set(_flat_names(target)) - saved)
         if missing:
             raise CheckpointLayoutError(
-                f"The checkpoint {os.path.dirname(path)} lacks {len(missing)} entries of the "
+                f"The checkpoint {path.parent} lacks {len(missing)} entries of the "
                 f"model this config builds (e.g. {missing[:3]}): it was written by another "
                 "model configuration. Pass the config the run was trained with."
             )

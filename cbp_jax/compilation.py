@@ -9,6 +9,8 @@ import os
 
 import jax
 
+from cbp_jax import storage
+
 _COMPILE = "/jax/core/compile/backend_compile_duration"  # fires for compiles and cache loads
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _counts = {"backend_compiles": 0, "cache_hits": 0}
@@ -42,22 +44,25 @@ def loaded_from_cache() -> int:
 
 def cache_dir(setting: str, workdir: str) -> str:
     """The cache folder of ``config.compilation_cache``: ``"workdir"`` ->
-    ``<workdir>/compilation_cache``, ``""`` -> none (off), anything else is the path."""
+    ``<workdir>/compilation_cache``, ``""`` -> none (off), anything else is the path (a
+    local folder or a ``gs://`` URL)."""
     if setting == "workdir":
-        return os.path.join(workdir, "compilation_cache")
+        return os.fspath(storage.path(workdir) / "compilation_cache")
     return setting
 
 
 def enable_persistent_cache(path: str) -> None:
     """Caches every compiled XLA program in ``path``, however fast it compiled, so that a
     rerun compiles nothing it compiled before. ``""`` changes nothing (the cache stays off
-    unless JAX was told otherwise, e.g. by ``JAX_COMPILATION_CACHE_DIR``)."""
+    unless JAX was told otherwise, e.g. by ``JAX_COMPILATION_CACHE_DIR``). JAX reads and
+    writes a ``gs://`` cache through etils.epath, and only process 0 writes."""
     if not path:
         return
     from jax.experimental.compilation_cache import compilation_cache
 
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
+    folder = storage.resolve(path)
+    folder.mkdir(parents=True, exist_ok=True)  # nothing to make in an object store
+    path = os.fspath(folder)
     if jax.config.jax_compilation_cache_dir not in (None, "", path):
         compilation_cache.reset_cache()  # a second run in this process, in another workdir
     jax.config.update("jax_compilation_cache_dir", path)

@@ -46,6 +46,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("batch_size", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
     ("log_every", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
     ("compilation_cache", lambda x: isinstance(x, str), "'workdir', a folder path or '' (off)"),
+    ("workdir_lease_timeout", _positive, "a number of seconds > 0 (default 300)"),
     ("optimizer.name", _one_of("adamw", "sgd"), "'adamw' or 'sgd'"),
     ("optimizer.lr", _positive, "a finite number > 0 (e.g. 6e-5 for AdamW, 0.01 for SGD)"),
     ("optimizer.min_lr", _non_negative, "a number >= 0 and below optimizer.lr"),

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbp_jax import resize, train_lib, weights
+from cbp_jax import resize, storage, train_lib, weights
 from cbp_jax.data.transforms import MEAN, STD
 from cbp_jax.predict import Segmenter
 
@@ -72,7 +72,7 @@ def export_jax(
 
     Args:
       segmenter: the model.
-      path: the file to write.
+      path: the file to write (local or ``gs://``).
       size_hw: the fixed input (H, W).
       platforms: e.g. ``("cpu", "cuda")``; default the current backend's.
       batch_size: a fixed batch; None makes it symbolic (any B).
@@ -96,9 +96,9 @@ def export_jax(
         jax.jit(serving_fn(segmenter, (h, w))),
         platforms=tuple(platforms) if platforms else None,
     )(spec)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(exported.serialize())
+    file = storage.path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_bytes(exported.serialize())
     n = segmenter.num_classes
     meta = {
         "format": "jax.export (load: jax.export.deserialize(bytearray(open(path, 'rb').read())))",
@@ -118,8 +118,7 @@ def export_jax(
         "class_names": list(segmenter.class_names),
         "palette": np.asarray(segmenter.palette).tolist(),
     }
-    with open(path + ".json", "w") as f:
-        json.dump(meta, f, indent=1)
+    storage.write_text(os.fspath(path) + ".json", json.dumps(meta, indent=1))
     return exported
 
 
@@ -238,22 +237,24 @@ def export_hf_segformer(
     # what both versions read, so load them as a user would and let save_pretrained rewrite.
     from safetensors.numpy import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
-    hf_config(segmenter).save_pretrained(out_dir)
-    save_file(hf_state_dict(segmenter), os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})  # fmt: skip
-    hf, info = transformers.SegformerForSemanticSegmentation.from_pretrained(
-        out_dir, output_loading_info=True
-    )
-    wrong = [*info["missing_keys"], *info["unexpected_keys"], *info.get("mismatched_keys", [])]
-    if wrong:
-        raise ValueError(
-            f"transformers {transformers.__version__} did not load every tensor of the export "
-            f"in {out_dir} (missing, unexpected or mismatched: {sorted(map(str, wrong))[:8]}); "
-            "the key tables of cbp_jax.weights need updating for this version."
+    with storage.staged(out_dir) as local:  # transformers writes local folders only
+        os.makedirs(local, exist_ok=True)
+        hf_config(segmenter).save_pretrained(local)
+        save_file(hf_state_dict(segmenter), os.path.join(local, "model.safetensors"),
+                  metadata={"format": "pt"})  # fmt: skip
+        hf, info = transformers.SegformerForSemanticSegmentation.from_pretrained(
+            local, output_loading_info=True
         )
-    hf.eval()
-    hf.save_pretrained(out_dir)
+        wrong = [*info["missing_keys"], *info["unexpected_keys"], *info.get("mismatched_keys", [])]
+        if wrong:
+            raise ValueError(
+                f"transformers {transformers.__version__} did not load every tensor of the "
+                f"export in {out_dir} (missing, unexpected or mismatched: "
+                f"{sorted(map(str, wrong))[:8]}); the key tables of cbp_jax.weights need "
+                "updating for this version."
+            )
+        hf.eval()
+        hf.save_pretrained(local)
 
     image = np.random.default_rng(0).normal(size=(1, *check_size_hw, 3)).astype(np.float32)
     ours = np.asarray(segmenter.network(image))

@@ -19,7 +19,16 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from cbp_jax import checkpointing, losses, model_stats, models, sharding, train_lib, weights
+from cbp_jax import (
+    checkpointing,
+    losses,
+    model_stats,
+    models,
+    sharding,
+    storage,
+    train_lib,
+    weights,
+)
 from cbp_jax import data as data_lib
 from cbp_jax import workdir as workdir_lib
 from cbp_jax.data.sources import missing_root_message
@@ -123,7 +132,9 @@ def check_data_root(config: ml_collections.ConfigDict) -> None:
     """Raises ``data.LayoutError`` (where to get the data, how to set ``config.data.root``)
     if the folder data set of ``config`` has no root folder."""
     d = config.data
-    if d.dataset != "scenes" and d.format == "folder" and not os.path.isdir(d.root or ""):
+    if d.dataset == "scenes" or d.format != "folder":
+        return
+    if not (d.root and storage.path(d.root).is_dir()):
         raise data_lib.LayoutError(missing_root_message(d.dataset, d.root))
 
 

@@ -9,13 +9,13 @@ Agg canvas directly (no pyplot, no global backend) and is imported on first use 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from cbp_jax import storage
 from cbp_jax.metrics import class_names_or_indices, valid_label_mask
 
 DPI = 100
@@ -50,8 +50,10 @@ def _render(fig, path: str | None) -> np.ndarray:
     canvas.draw()
     rgb = np.array(canvas.buffer_rgba())[..., :3]
     if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        Image.fromarray(rgb).save(path)
+        file = storage.path(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with file.open("wb") as f:
+            Image.fromarray(rgb).save(f, format="PNG")
     return rgb
 
 

@@ -32,6 +32,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from cbp_jax import storage
+
 
 def _install_tensorboardx_summary_writer() -> None:
     """Makes ``clu.metric_writers`` importable without TensorFlow (see the module doc)."""
@@ -55,32 +57,45 @@ class JsonlWriter(metric_writers.MetricWriter):
     """Scalars to a ``metrics.jsonl`` file: one JSON object per step, ``{"step": s, ...}``.
 
     The file stays valid JSON with one row per step: non-finite values are written as
-    ``null``, and scalars written for the step of the previous row join that row. A run
-    resuming at ``resume_step`` first drops the rows after it (steps it will redo) and a
-    line cut short by a kill; scalars for ``resume_step`` itself then join its row. Images
-    and hyperparameters are not written (``config.json`` holds the config).
+    ``null``, and scalars written for the step of the last row join that row. A local file
+    grows by one appended line per row; an object store has no appends, so there (and to
+    join a row) the file is replaced whole from the rows kept in memory. A run resuming at
+    ``resume_step`` first drops the rows after it (steps it will redo); a line cut short by
+    a kill is dropped too. Images and hyperparameters are not written (``config.json``
+    holds the config).
 
     Args:
-      path: the ``.jsonl`` file (created if absent, appended to otherwise).
+      path: the ``.jsonl`` file, local or ``gs://`` (created if absent; its rows are kept).
       resume_step: the step a resumed run restarts from, or None.
     """
 
     def __init__(self, path: str, resume_step: int | None = None):
-        self._last: tuple[int, dict, int] | None = None  # (step, row, its offset)
+        self.path = storage.path(path)
+        self._rows = [
+            row
+            for row in read_metric_rows(self.path)
+            if resume_step is None or row["step"] <= resume_step
+        ]
+        self._lines = [json.dumps(row) + "\n" for row in self._rows]
         if resume_step is not None:
-            keep_metric_rows_until(path, resume_step)
-            self._last = _last_row(path)
-        self.jsonl = open(path, "a")  # noqa: SIM115
+            self._save()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         row = {"step": int(step), **{k: _json_number(v) for k, v in scalars.items()}}
-        if self._last is not None and self._last[0] == step:  # join the step's row
-            row = self._last[1] | row
-            self.jsonl.truncate(self._last[2])
-        offset = self.jsonl.tell()
-        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
-        self.jsonl.flush()
-        self._last = (int(step), row, offset)
+        joined = bool(self._rows) and self._rows[-1]["step"] == row["step"]
+        if joined:  # the step's row gets the new scalars
+            row = self._rows.pop() | row
+            self._lines.pop()
+        self._rows.append(row)
+        self._lines.append(json.dumps(row, allow_nan=False) + "\n")
+        if storage.is_local(self.path) and not joined:
+            with self.path.open("a") as f:
+                f.write(self._lines[-1])
+        else:
+            self._save()
+
+    def _save(self) -> None:
+        storage.write_text(self.path, "".join(self._lines))
 
     def write_summaries(self, step, values, metadata=None) -> None:
         del step, values, metadata
@@ -104,12 +119,10 @@ class JsonlWriter(metric_writers.MetricWriter):
         del hparams
 
     def flush(self) -> None:
-        if not self.jsonl.closed:
-            self.jsonl.flush()
+        pass  # every write reaches the file at once
 
     def close(self) -> None:
-        if not self.jsonl.closed:
-            self.jsonl.close()
+        pass
 
 
 def _json_number(value) -> float | None:
@@ -118,37 +131,21 @@ def _json_number(value) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def _last_row(path: str) -> tuple[int, dict, int] | None:
-    """``(step, row, offset)`` of the last row of a clean ``metrics.jsonl``, or None."""
-    if not os.path.exists(path):
-        return None
-    last, offset = None, 0
-    with open(path) as f:
-        for line in f:
-            last = (json.loads(line), offset)
-            offset += len(line.encode())
-    if last is None:
-        return None
-    return last[0]["step"], last[0], last[1]
-
-
-def keep_metric_rows_until(path: str, last_step: int) -> None:
-    """Rewrites the ``metrics.jsonl`` at ``path`` without rows after ``last_step`` (and
-    without a line cut short by a kill), atomically."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # the partial last line of a killed run
-            if row.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+def read_metric_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (local or ``gs://``); [] if there is none. A line cut
+    short by a kill is left out."""
+    path = storage.path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # the partial last line of a killed run
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
 
 
 class TensorboardWriter(metric_writers.MetricWriter):

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from cbp_jax import data as data_lib
-from cbp_jax import factories, figures, inference, report, train_lib
+from cbp_jax import factories, figures, inference, report, storage, train_lib
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -80,7 +80,7 @@ class Segmenter:
         """
         step, state = factories.restore(config, workdir, step)
         segmenter = cls(config, state, **kwargs)
-        segmenter.loaded_from = f"{os.path.abspath(workdir)} step {step}"
+        segmenter.loaded_from = f"{storage.resolve(workdir)} step {step}"
         return segmenter
 
     @classmethod
@@ -179,28 +179,26 @@ class InputError(ValueError):
 
 def list_inputs(paths: Sequence[str]) -> list[tuple[str, str, str]]:
     """``[(kind, path, name)]`` for image files, folders (their images, recursively, sorted)
-    and video files; ``name`` is the output name without suffix (a folder's images keep
-    their path below it). Raises :class:`InputError` naming the path."""
+    and video files, local or ``gs://``; ``name`` is the output name without suffix (a
+    folder's images keep their path below it). Raises :class:`InputError` naming the path."""
     items = []
     for path in paths:
-        suffix = os.path.splitext(path)[1].lower()
-        stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-        if os.path.isdir(path):
-            found = sorted(
-                os.path.join(folder, f)
-                for folder, _, files in os.walk(path)
-                for f in files
-                if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
-            )
+        file = storage.path(path)
+        suffix = file.suffix.lower()
+        if file.is_dir():
+            found = [f for f in storage.files_under(file) if f.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
                 raise InputError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-            items += [("image", f, os.path.splitext(os.path.relpath(f, path))[0]) for f in found]
-        elif not os.path.exists(path):
+            items += [
+                ("image", os.fspath(f), os.fspath(f.relative_to(file).with_suffix("")))
+                for f in found
+            ]
+        elif not file.exists():
             raise InputError(f"{path} does not exist.")
         elif suffix in IMAGE_SUFFIXES:
-            items.append(("image", path, stem))
+            items.append(("image", path, file.stem))
         elif suffix in VIDEO_SUFFIXES:
-            items.append(("video", path, stem))
+            items.append(("video", path, file.stem))
         else:
             raise InputError(
                 f"{path}: unknown kind of file {suffix!r}; pass images "
@@ -222,8 +220,7 @@ def read_image(path: str) -> np.ndarray:
     from cbp_jax.data.sources import BadExampleError, decode_image
 
     try:
-        with open(path, "rb") as f:
-            return decode_image(f.read(), path)
+        return decode_image(storage.path(path).read_bytes(), path)
     except (OSError, BadExampleError) as e:
         raise InputError(f"cannot read the image {path}: {e}") from e
 
@@ -349,8 +346,7 @@ def predict_files(
 
     def save(classes, image, name):
         label_path = os.path.join(out_dir, name + ".png")
-        os.makedirs(os.path.dirname(label_path), exist_ok=True)
-        label_image(classes, fmt, palette).save(label_path)
+        _save_image(label_image(classes, fmt, palette), label_path, format="PNG")
         summary["written"].append(label_path)
         return overlay(image, classes, palette, overlay_alpha)
 
@@ -359,7 +355,7 @@ def predict_files(
         image = read_image(path)
         shown = save(segmenter(image), image, name)
         overlay_path = os.path.join(out_dir, name + "_overlay.jpg")
-        Image.fromarray(shown).save(overlay_path, quality=90)
+        _save_image(Image.fromarray(shown), overlay_path, format="JPEG", quality=90)
         summary["written"].append(overlay_path)
         summary["images"] += 1
     for _, path, name in [it for it in items if it[0] == "video"]:
@@ -372,33 +368,44 @@ def predict_files(
     return summary
 
 
+def _save_image(image: Image.Image, path: str, **params) -> None:
+    """Writes ``image`` to ``path`` (local or ``gs://``), creating its folder."""
+    file = storage.path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("wb") as f:
+        image.save(f, **params)
+
+
 def _predict_video(segmenter, path, name, save, out_dir, batch_size, progress) -> tuple[int, str]:
     """Segments a video ``batch_size`` frames per call, saving each frame's labels through
-    ``save`` and the overlays as ``<out>/<name>_overlay.mp4``; returns (frames, its path)."""
+    ``save`` and the overlays as ``<out>/<name>_overlay.mp4``; returns (frames, its path).
+    OpenCV reads and writes local files only: a ``gs://`` video is copied in and out."""
     from tqdm.auto import tqdm
 
-    frames, fps, count = read_video(path)
-    writer, index = None, 0
-    bar = tqdm(total=count or None, desc=os.path.basename(path), unit="frame", disable=not progress)
-    try:
-        for chunk in _chunks(frames, batch_size):
-            batch = np.stack(chunk)
-            for frame, classes in zip(batch, segmenter(batch), strict=True):
-                shown = save(classes, frame, os.path.join(name, f"frame_{index:06d}"))
-                if writer is None:
-                    writer = VideoWriter(
-                        os.path.join(out_dir, name + "_overlay.mp4"), fps, frame.shape[:2]
-                    )
-                writer.write(shown)
-                index += 1
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    if index == 0:
-        raise InputError(f"cannot read the video {path}: it has no readable frame.")
-    return index, writer.path
+    video_path = os.path.join(out_dir, name + "_overlay.mp4")
+    with storage.local_copy(path) as local, storage.staged(video_path) as local_out:
+        frames, fps, count = read_video(local)
+        writer, index = None, 0
+        bar = tqdm(
+            total=count or None, desc=os.path.basename(path), unit="frame", disable=not progress
+        )
+        try:
+            for chunk in _chunks(frames, batch_size):
+                batch = np.stack(chunk)
+                for frame, classes in zip(batch, segmenter(batch), strict=True):
+                    shown = save(classes, frame, os.path.join(name, f"frame_{index:06d}"))
+                    if writer is None:
+                        writer = VideoWriter(local_out, fps, frame.shape[:2])
+                    writer.write(shown)
+                    index += 1
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if index == 0:
+            raise InputError(f"cannot read the video {path}: it has no readable frame.")
+    return index, video_path
 
 
 def _chunks(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:

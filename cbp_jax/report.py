@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbp_jax import figures
+from cbp_jax import figures, storage
 from cbp_jax import prototypes as prototypes_lib
 from cbp_jax.data.transforms import MEAN, STD
 from cbp_jax.metrics import class_names_or_indices, nanmean, valid_label_mask
@@ -71,9 +70,7 @@ def write_report(
         "extra": extra or {},
     }
     report = _jsonable(report)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1, allow_nan=False)
+    storage.write_text(path, json.dumps(report, indent=1, allow_nan=False))
     return report
 
 
@@ -219,7 +216,8 @@ def write_evaluation(
     Returns:
       The figures as ``{file name without .png: (H, W, 3) uint8}``.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    out = storage.path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     analysis, groups = result["prototype_analysis"], result["f1_by_frequency_groups"]
     cos = cosine_similarity_matrix(result["class_weights"])
     drawn = {
@@ -228,12 +226,12 @@ def write_evaluation(
             class_names,
             title=f"Cosine similarity of the {model_title} classifier's class weights",
             class_separability=analysis["class_separability"],
-            path=os.path.join(out_dir, "prototype_cosine.png"),
+            path=out / "prototype_cosine.png",
         ),
         "f1_by_frequency": figures.f1_by_frequency(
             {model_title: groups},
             title=f"Mean F1 by class frequency on {eval_split} (Fig. 5)",
-            path=os.path.join(out_dir, "f1_by_frequency.png"),
+            path=out / "f1_by_frequency.png",
         ),
     }
     if compare_weights is not None:
@@ -242,10 +240,10 @@ def write_evaluation(
             cos,
             class_names,
             titles=(compare_name, model_title),
-            path=os.path.join(out_dir, "prototype_cosine_pair.png"),
+            path=out / "prototype_cosine_pair.png",
         )
     write_report(
-        os.path.join(out_dir, "report.json"),
+        out / "report.json",
         result,
         class_names,
         extra={

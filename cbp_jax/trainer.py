@@ -27,6 +27,7 @@ from cbp_jax import (
     factories,
     logs,
     sharding,
+    storage,
 )
 from cbp_jax import data as data_lib
 from cbp_jax import preemption as preemption_lib
@@ -93,12 +94,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding.initialize_distributed(**config.distributed)
     mesh = factories.mesh_from_config(config)
     check_run_config(config, mesh)
-    workdir = os.path.abspath(workdir)
+    workdir = os.fspath(storage.resolve(workdir))  # local: absolute; gs://...: as it is
     lock = None
     if jax.process_index() == 0:
         workdir_lib.check_resume_config(workdir, config)  # before anything is written
-        os.makedirs(workdir, exist_ok=True)
-        lock = workdir_lib.WorkdirLock(workdir).acquire()
+        storage.path(workdir).mkdir(parents=True, exist_ok=True)
+        lock = workdir_lib.acquire_lock(workdir, lease_timeout=config.workdir_lease_timeout)
     try:
         report = workdir_lib.finished_report(workdir, config.total_steps)
         if report is not None:
@@ -122,8 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _finished(total_steps: int, report: str) -> dict[str, Any]:
     """The summary of a run that is trained and evaluated already; says so."""
-    with open(report) as f:
-        metrics = json.load(f)["summary"]
+    metrics = json.loads(storage.path(report).read_text())["summary"]
     ev = {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")}
     print(
         f"Finished: this run is trained to step {total_steps} (config.total_steps) and "

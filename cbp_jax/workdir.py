@@ -1,9 +1,12 @@
 """A workdir's ownership and identity: one training run at a time, and the config it holds.
 
-- :class:`WorkdirLock`: ``<workdir>/train.lock``, an exclusive ``flock`` held by process 0
-  of the training run. A second run stops at once naming the holder; the kernel releases
-  the lock when its holder dies (kill -9 included), and the next run takes it over with a
-  warning naming the dead holder.
+- :func:`acquire_lock`: ``<workdir>/train.lock``, held by process 0 of the training run. A
+  second run stops at once naming the holder. A local workdir's is an exclusive ``flock``
+  (:class:`WorkdirLock`): the kernel releases it when its holder dies (kill -9 included),
+  and the next run takes it over with a warning naming the dead holder. A ``gs://``
+  workdir's is a lease object (``cbp_jax.lease``) renewed by a heartbeat; a dead holder's
+  lease is taken over after ``config.workdir_lease_timeout`` seconds without one (at once
+  from the holder's own machine).
 - :func:`check_resume_config` / :func:`check_eval_config`: the workdir's ``config.json``
   against the current config, before anything is written or restored.
 - Names: :func:`default_workdir` (``workdirs/<config>[_<variants>]``), :func:`eval_dir`
@@ -21,6 +24,10 @@ from typing import Any
 
 import ml_collections
 from absl import logging
+from etils import epath
+
+from cbp_jax import lease as lease_lib
+from cbp_jax import storage
 
 LOCK_NAME = "train.lock"
 CONFIG_NAME = "config.json"
@@ -44,6 +51,7 @@ RESUMABLE_FIELDS = (
     "data.skip_bad_examples",
     "optimizer.lr",
     "optimizer.clip_norm",
+    "workdir_lease_timeout",
 )
 # Fields that decide what a checkpoint holds: evaluation needs them to match.
 CHECKPOINT_SHAPE_FIELDS = ("model", "data.dataset", "data.num_classes", "optimizer.name")
@@ -81,11 +89,7 @@ class WorkdirLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise WorkdirBusyError(
-                f"{os.path.dirname(self.path)} is in use by {_describe(holder)}. One workdir "
-                "has one training run: wait for that run to end or stop it, or pass another "
-                "--workdir."
-            ) from None
+            raise WorkdirBusyError(_busy(os.path.dirname(self.path), _describe(holder))) from None
         previous = _read_holder(fd)
         if previous:
             logging.warning(
@@ -133,6 +137,42 @@ def _describe(holder: dict[str, Any]) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
 
 
+def _busy(workdir: epath.PathLike, holder: str) -> str:
+    return (
+        f"{workdir} is in use by {holder}. One workdir has one training run: wait for that "
+        "run to end or stop it, or pass another --workdir."
+    )
+
+
+def acquire_lock(
+    workdir: epath.PathLike, *, lease_timeout: float
+) -> WorkdirLock | lease_lib.GcsLease:
+    """Takes the lock of ``workdir`` (which must exist if local): a :class:`WorkdirLock` for a
+    local folder, a ``cbp_jax.lease.GcsLease`` on ``<workdir>/train.lock`` for ``gs://``
+    (taken over from a holder without a heartbeat for ``lease_timeout`` seconds). Call
+    ``release()`` on the result.
+
+    Raises:
+      WorkdirBusyError: another live run holds it.
+    """
+    if storage.is_local(workdir):
+        return WorkdirLock(os.fspath(workdir)).acquire()
+    url = os.fspath(storage.path(workdir) / LOCK_NAME)
+    if not url.startswith("gs://"):
+        raise ValueError(
+            f"--workdir {workdir}: a workdir is a local folder or a gs:// URL (the lock of a "
+            "workdir in an object store is a GCS lease with generation preconditions)."
+        )
+    try:
+        return lease_lib.GcsLease(url, timeout_s=lease_timeout).acquire()
+    except lease_lib.LeaseHeldError as e:
+        raise WorkdirBusyError(
+            _busy(workdir, lease_lib.describe(e.holder))
+            + f" If that run is dead, its lease expires {lease_timeout:g} s after its last "
+            "heartbeat (--config.workdir_lease_timeout)."
+        ) from None
+
+
 # ----------------------------------------------------------------------------- the config
 
 
@@ -171,13 +211,12 @@ def _under(name: str, fields: tuple[str, ...]) -> bool:
     return any(name == f or name.startswith(f + ".") for f in fields)
 
 
-def read_saved_config(workdir: str) -> dict[str, Any] | None:
+def read_saved_config(workdir: epath.PathLike) -> dict[str, Any] | None:
     """The workdir's ``config.json`` (None when there is none)."""
-    path = os.path.join(workdir, CONFIG_NAME)
-    if not os.path.exists(path):
+    path = storage.path(workdir) / CONFIG_NAME
+    if not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -225,7 +264,7 @@ def check_eval_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         raise ConfigMismatchError(
             f"{workdir}'s checkpoints were trained with another config: this one changes "
             f"{_format_changes(changed)}. Pass the training config (the values in "
-            f"{os.path.join(workdir, CONFIG_NAME)})."
+            f"{storage.path(workdir) / CONFIG_NAME})."
         )
 
 
@@ -233,12 +272,18 @@ def _format_changes(changed: dict[str, tuple]) -> str:
     return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
+def checkpoint_steps(workdir: epath.PathLike) -> list[int]:
     """The finished checkpoint steps in ``<workdir>/checkpoints`` (read only; creates nothing)."""
-    folder = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(folder):
+    folder = storage.path(workdir) / "checkpoints"
+    if not folder.is_dir():
         return []
-    return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+    return sorted(int(d.name) for d in folder.iterdir() if d.name.isdigit() and _finished(d))
+
+
+def _finished(step_dir: epath.Path) -> bool:
+    """Whether Orbax finished writing ``step_dir``: on GCS it writes a step in place and then
+    ``commit_success.txt`` into it; elsewhere it renames a finished temporary folder."""
+    return not os.fspath(step_dir).startswith("gs://") or (step_dir / "commit_success.txt").exists()
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -250,9 +295,9 @@ def check_evaluable(workdir: str, config: ml_collections.ConfigDict, step: int |
     ``eval.py`` is asked for (``step``, default the latest) and a matching config."""
     steps = checkpoint_steps(workdir)
     if not steps:
-        where = "does not exist" if not os.path.isdir(workdir) else "has no checkpoint"
+        where = "does not exist" if not storage.path(workdir).is_dir() else "has no checkpoint"
         raise FileNotFoundError(
-            f"{os.path.abspath(workdir)} {where}. Pass the --workdir of a training run (with "
+            f"{storage.resolve(workdir)} {where}. Pass the --workdir of a training run (with "
             "checkpoints/<step>/ folders), or --weights FILE to evaluate converted weights."
         )
     if step is not None and step not in steps:
@@ -263,12 +308,9 @@ def check_evaluable(workdir: str, config: ml_collections.ConfigDict, step: int |
     check_eval_config(workdir, config)
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes ``<workdir>/config.json`` (atomically: a crash never leaves half a file)."""
-    path = os.path.join(workdir, CONFIG_NAME)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
-    os.replace(path + ".tmp", path)
+def write_config(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Writes ``<workdir>/config.json`` (a crash never leaves half a file)."""
+    storage.write_text(storage.path(workdir) / CONFIG_NAME, config.to_json_best_effort(indent=1))
 
 
 # ----------------------------------------------------------------------------- names
@@ -290,16 +332,16 @@ def default_workdir(config_arg: str) -> str:
     )
 
 
-def eval_dir(workdir: str, step: int | str) -> str:
+def eval_dir(workdir: epath.PathLike, step: int | str) -> str:
     """``<workdir>/eval_<step>``: the report folder of an evaluation of checkpoint ``step``
     (``"weights"`` for converted weights), the same for training and ``eval.py``."""
-    return os.path.join(workdir, f"eval_{step}")
+    return os.fspath(storage.path(workdir) / f"eval_{step}")
 
 
-def finished_report(workdir: str, total_steps: int) -> str | None:
+def finished_report(workdir: epath.PathLike, total_steps: int) -> str | None:
     """The ``report.json`` of ``workdir``'s run if it has a checkpoint of step ``total_steps``
     and its evaluation at that step; None otherwise (there is training or evaluation to do)."""
-    report = os.path.join(eval_dir(workdir, total_steps), "report.json")
-    if total_steps in checkpoint_steps(workdir) and os.path.isfile(report):
-        return report
+    report = storage.path(eval_dir(workdir, total_steps)) / "report.json"
+    if total_steps in checkpoint_steps(workdir) and report.is_file():
+        return os.fspath(report)
     return None

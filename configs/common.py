@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA's compiled programs are kept here so a rerun (resume, eval.py) compiles nothing it
     # compiled before: "workdir" (<workdir>/compilation_cache), a path, or "" (off).
     c.compilation_cache = "workdir"
+    # A gs:// workdir's lock is a lease its run renews every workdir_lease_timeout / 4 s; a
+    # lease without a heartbeat for workdir_lease_timeout s is a dead run's, taken over.
+    c.workdir_lease_timeout = 300.0
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 16000  # 0: only at the end
     c.eval.mode = "whole"  # "whole" | "slide"

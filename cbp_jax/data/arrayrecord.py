@@ -22,6 +22,7 @@ import cv2
 import grain
 import numpy as np
 
+from cbp_jax import storage
 from cbp_jax.data import sources as src_lib
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def _png(array: np.ndarray) -> bytes:
 def write_arrayrecord(
     source, out_dir: str, *, examples_per_shard: int = 1000, check: bool = True
 ) -> dict:
-    """Writes a source's split as ArrayRecord shards; returns the metadata written.
+    """Writes a source's split as ArrayRecord shards into ``out_dir`` (local or ``gs://``:
+    written locally, then copied); returns the metadata written.
 
     Folder sources store their files' bytes and raw labels; other sources
     (scenes) store PNG-encoded examples with train-id labels. With ``check``,
@@ -72,11 +74,16 @@ def write_arrayrecord(
     ``BadExampleError`` naming the file, or is left out and counted when
     ``source.skip_bad_examples`` is set.
     """
+    with storage.staged(out_dir) as local:  # array_record writes local files only
+        os.makedirs(local, exist_ok=True)
+        return _write_shards(source, local, examples_per_shard, check)
+
+
+def _write_shards(source, out_dir: str, examples_per_shard: int, check: bool) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     n = len(source)
     num_shards = max(1, -(-n // examples_per_shard))
-    os.makedirs(out_dir, exist_ok=True)
     split = source.split
     files = [f"{split}-{s:05d}-of-{num_shards:05d}.array_record" for s in range(num_shards)]
     has_files = hasattr(source, "image_paths")
@@ -92,10 +99,8 @@ def write_arrayrecord(
             if has_files:
                 if check:
                     source[i]
-                with open(source.image_paths[i], "rb") as f:
-                    image_b = f.read()
-                with open(source.label_paths[i], "rb") as f:
-                    label_b = f.read()
+                image_b = storage.path(source.image_paths[i]).read_bytes()
+                label_b = storage.path(source.label_paths[i]).read_bytes()
                 name = source.names[i]
             else:
                 ex = source[i]
@@ -138,20 +143,19 @@ class ArrayRecordSource:
 
     def __init__(self, directory: str, split: str, skip_bad_examples: bool = False):
         meta_path = os.path.join(directory, f"{split}.json")
-        if not os.path.isfile(meta_path):
-            found = sorted(f for f in os.listdir(directory) if f.endswith(".json"))
+        if not storage.path(meta_path).is_file():
+            found = sorted(p.name for p in storage.path(directory).glob("*.json"))
             raise src_lib.LayoutError(
                 f"no ArrayRecord split {split!r} in {directory}: {meta_path} is missing "
                 f"(metadata files there: {found}); write it with `python -m cbp_jax.data "
                 "write-arrayrecord`"
             )
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = json.loads(storage.path(meta_path).read_text())
         self.info = _info(self.meta["dataset"])
         self.split = split
         self.skip_bad_examples = skip_bad_examples
         paths = [os.path.join(directory, p) for p in self.meta["files"]]
-        missing = [p for p in paths if not os.path.isfile(p)]
+        missing = [p for p in paths if not storage.path(p).is_file()]
         if missing:
             raise src_lib.LayoutError(
                 f"ArrayRecord shards listed in {meta_path} are missing: {missing}"

@@ -16,6 +16,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+from cbp_jax import storage
 from cbp_jax.data import sources as src_lib
 
 
@@ -36,10 +37,8 @@ class SplitReport:
 
 def _scan_one(info: src_lib.DatasetInfo, lut: np.ndarray, image_path: str, label_path: str):
     try:
-        with open(image_path, "rb") as f:
-            image = src_lib.decode_image(f.read(), image_path)
-        with open(label_path, "rb") as f:
-            raw = src_lib.decode_label(f.read(), label_path)
+        image = src_lib.decode_image(storage.path(image_path).read_bytes(), image_path)
+        raw = src_lib.decode_label(storage.path(label_path).read_bytes(), label_path)
         if raw.shape != image.shape[:2]:
             raise src_lib.BadExampleError(
                 label_path, f"label size {raw.shape} differs from image size {image.shape[:2]}"

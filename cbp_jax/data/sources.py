@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from cbp_jax import storage
 from cbp_jax.data import classes
 
 IGNORE_INDEX = 255
@@ -178,8 +179,7 @@ def make_example(
 
 def _read(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return storage.path(path).read_bytes()
     except OSError as e:
         raise BadExampleError(path, f"cannot read file: {e}") from e
 
@@ -245,9 +245,14 @@ def list_pairs(
 ) -> tuple[list[str], list[str], list[str]]:
     """Stems of ``<stem><image_suffix>`` / ``<stem><label_suffix>`` files: (paired,
     images without a label, labels without an image), each sorted."""
-    images = {f[: -len(image_suffix)] for f in os.listdir(image_dir) if f.endswith(image_suffix)}
-    labels = {f[: -len(label_suffix)] for f in os.listdir(label_dir) if f.endswith(label_suffix)}
+    images = {f[: -len(image_suffix)] for f in _names(image_dir) if f.endswith(image_suffix)}
+    labels = {f[: -len(label_suffix)] for f in _names(label_dir) if f.endswith(label_suffix)}
     return sorted(images & labels), sorted(images - labels), sorted(labels - images)
+
+
+def _names(folder: str) -> list[str]:
+    """The names in ``folder`` (local or ``gs://``)."""
+    return [p.name for p in storage.path(folder).iterdir()]
 
 
 def _pair_files(
@@ -286,7 +291,7 @@ def _pair_files(
 
 
 def _require_dirs(dirs: Sequence[str], layout: str, what: str) -> None:
-    missing = [d for d in dirs if not os.path.isdir(d)]
+    missing = [d for d in dirs if not storage.path(d).is_dir()]
     if missing:
         raise LayoutError(f"{what}: missing folder(s) {missing}. Expected layout:\n{layout}")
 
@@ -329,7 +334,7 @@ def split_layout(name: str, root: str, split: str) -> tuple[str, str, str, str]:
     """(image_dir, label_dir, image_suffix, label_suffix) of a folder split."""
     if name == "ade20k":
         folder = _check_split(split, ADE20K_SPLITS, name)
-        if os.path.isdir(os.path.join(root, "ADEChallengeData2016")):
+        if storage.path(os.path.join(root, "ADEChallengeData2016")).is_dir():
             root = os.path.join(root, "ADEChallengeData2016")
         return (
             os.path.join(root, "images", folder),
@@ -382,8 +387,8 @@ def check_layout(name: str, root: str, split: str) -> tuple[str, str, str, str]:
     what = f"{name} split {split!r} under {root}"
     if (
         name == "cocostuff10k"
-        and not os.path.isdir(img_dir)
-        and os.path.isfile(os.path.join(root, "imageLists", "train.txt"))
+        and not storage.path(img_dir).is_dir()
+        and storage.path(os.path.join(root, "imageLists", "train.txt")).is_file()
     ):
         raise LayoutError(
             f"{what}: {root} is the raw cocostuff-10k-v1.1 release; convert it first with "
@@ -413,7 +418,7 @@ def folder_source(
     """The folder source of data set ``name`` (see ``PATH_FNS``) at ``root``."""
     if name not in LAYOUTS:
         raise ValueError(f"unknown folder data set {name!r}; use one of {sorted(LAYOUTS)}")
-    if not os.path.isdir(root):
+    if not (root and storage.path(root).is_dir()):
         raise LayoutError(missing_root_message(name, root))
     paths = folder_paths(name, root, split, skip_bad_examples)
     return FolderSource(INFOS[name], split, *paths, skip_bad_examples=skip_bad_examples)

@@ -20,6 +20,7 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cbp_jax import storage
 from cbp_jax.data import sources as src_lib
 
 _FEATURES = dict(
@@ -100,13 +101,15 @@ TFDS_SPLITS["cocostuff10k"] = {"train": "train", "test": "test", "val": "test"}
 
 
 def prepare(dataset: str, manual_dir: str, data_dir: str) -> None:
-    """Prepares the TFDS data of ``dataset`` ("ade20k" or "cocostuff10k")."""
+    """Prepares the TFDS data of ``dataset`` ("ade20k" or "cocostuff10k") in ``data_dir``
+    (local, or ``gs://``: prepared in a local folder, then copied)."""
     if dataset not in BUILDERS:
         raise ValueError(f"no TFDS builder for {dataset!r}; use one of {sorted(BUILDERS)}")
-    builder = BUILDERS[dataset](data_dir=data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
+    with storage.staged(data_dir) as local:  # array_record writes local files only
+        builder = BUILDERS[dataset](data_dir=local)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+        )
 
 
 class TfdsSource:
@@ -128,7 +131,7 @@ class TfdsSource:
             self._ds = tfds.data_source(
                 name,
                 split=TFDS_SPLITS[dataset][split],
-                data_dir=data_dir,
+                data_dir=os.fspath(storage.path(data_dir)),  # local or gs://
                 download=False,
                 decoders={"image": skip, "label": skip},
             )
