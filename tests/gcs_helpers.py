@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+
+from multiprocess import free_port
 
 
 def server_binary() -> str:
@@ -26,12 +27,6 @@ def server_binary() -> str:
     return binary
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Runs the server until this shell's stdin closes: when the test process ends, however it
 # ends (kill -9 included), the server goes with it.
 _UNTIL_STDIN_CLOSES = '"$0" "$@" & server=$!; cat > /dev/null; kill $server; wait $server'
@@ -40,7 +35,7 @@ _UNTIL_STDIN_CLOSES = '"$0" "$@" & server=$!; cat > /dev/null; kill $server; wai
 def start_emulator(folder: str, timeout: float = 30.0) -> tuple[str, subprocess.Popen]:
     """Starts fake-gcs-server on a free localhost port, its objects and log in ``folder``;
     returns ``(url, process)`` once it answers. ``process.stdin.close()`` stops it."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(os.path.join(folder, "fake-gcs-server.log"), "wb") as log:
         proc = subprocess.Popen(
