@@ -59,7 +59,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from cbp_jax import data as data_lib  # noqa: E402
 from cbp_jax import eval_lib, export, factories, inference, metrics, report, train_lib  # noqa: E402
-from cbp_jax.logs import keep_metric_rows_until  # noqa: E402
+from cbp_jax.logs import JsonlWriter  # noqa: E402
 from cbp_jax.models import ModelConfig  # noqa: E402
 
 CHECKPOINT = "checkpoint.pt"
@@ -355,7 +355,7 @@ def _train_steps(config, workdir, model, optimizer, loader, start, last, every, 
     total = config.total_steps
     path = os.path.join(workdir, CHECKPOINT)
     jsonl = os.path.join(workdir, "metrics.jsonl")
-    keep_metric_rows_until(jsonl, start)
+    JsonlWriter(jsonl, resume_step=start).close()  # drops the rows after start
     schedule = train_lib.learning_rate_schedule(config.optimizer, total)
     losses = {}
     model.train()
