@@ -36,10 +36,10 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "The training workdir (default workdirs/<config>).")
 flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 flags.DEFINE_string("weights", None, "Export these converted weights instead of a checkpoint.")
-flags.DEFINE_enum("to", "jax", ["jax", "hf"], "jax.export artifact or transformers folder.")
+flags.DEFINE_enum("to", "jax", list(export_lib.TARGETS), "Export target (see above).")
 flags.DEFINE_string("out", None, "Output file (--to jax) or folder (--to hf); required.")
-flags.DEFINE_integer("height", None, "--to jax: input height (default config.data.crop_size).")
-flags.DEFINE_integer("width", None, "--to jax: input width (default config.data.crop_size).")
+flags.DEFINE_integer("height", None, "Fixed input height where a target needs one (default: crop).")
+flags.DEFINE_integer("width", None, "Fixed input width where a target needs one (default: crop).")
 flags.DEFINE_list("platforms", ["cpu", "cuda"], "--to jax: platforms to lower for.")
 
 
@@ -53,35 +53,28 @@ def main(argv):
         raise SystemExit("error: pass --out (a file for --to jax, a folder for --to hf).")
     config = f.config
     workdir = f.workdir or workdir_lib.default_workdir(f["config"].config_filename)
+    target = export_lib.TARGETS[f.to]
     try:
         config_checks.validate(config)
-        if f.to == "hf":
-            export_lib.check_hf_exportable(config)  # before loading anything
+        target.check(config)  # before loading anything
+        storage.check_writable(f.out, target.OUT_KIND)
         if f.weights:
             segmenter = predict_lib.Segmenter.from_weights(config, f.weights)
         else:
             segmenter = predict_lib.Segmenter.from_workdir(config, workdir, f.step)
         print(f"Exporting {segmenter.loaded_from}")
-        if f.to == "jax":
-            size = (f.height or config.data.crop_size[0], f.width or config.data.crop_size[1])
-            exported = export_lib.export_jax(segmenter, f.out, size_hw=size, platforms=f.platforms)
-            print(
-                f"{f.out}: uint8 (B, {size[0]}, {size[1]}, 3) -> logits "
-                f"{exported.out_avals[0].str_short()}, for {', '.join(exported.platforms)}"
-            )
-        else:
-            result = export_lib.export_hf_segformer(segmenter, f.out)
-            print(
-                f"{f.out}: SegformerForSemanticSegmentation; PyTorch's logits differ from ours "
-                f"by at most {result['max_abs_logit_diff']:.2g} on a check image"
-            )
-            for note in result["notes"]:
-                print(f"note: {note}")
+        size = (f.height, f.width) if f.height or f.width else None
+        if size is not None and None in size:
+            raise ValueError("pass both --height and --width, or neither (the crop size).")
+        request = export_lib.Request(f.out, size_hw=size, platforms=f.platforms)
+        for line in target.run(segmenter, request):
+            print(line)
     except (
         *errors.STOP_ERRORS,
         FileNotFoundError,
         ValueError,
         export_lib.MissingDependencyError,
+        storage.OutputPathError,
     ) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -8,6 +8,7 @@ when TensorFlow is not installed). Orbax checkpoints (TensorStore), TensorBoard 
 
 - :func:`path`, :func:`resolve` (local paths made absolute, URLs left as they are) and
   :func:`is_local`.
+- :func:`check_writable`: an output path checked before the work that writes it.
 - :func:`write_text`: a whole file at once; locally a crash leaves the old file or the new.
 - :func:`local_copy` and :func:`staged`: for libraries that read or write local files only
   (OpenCV's video reader and writer, transformers' ``save_pretrained``).
@@ -78,6 +79,39 @@ def path(p: epath.PathLike) -> epath.Path:
 def resolve(p: epath.PathLike) -> epath.Path:
     """:func:`path` of ``p``, made absolute if it is local (a URL is left as it is)."""
     return path(os.path.abspath(p) if is_local(p) else p)
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written as asked (the message names it and the fix)."""
+
+
+def check_writable(target: epath.PathLike, kind: str, *, flag: str = "--out") -> None:
+    """Checks, before any work, that ``target`` can become a ``kind`` ("file" or "folder"):
+    not the other kind already, and (locally) under a folder this user may write in.
+
+    Raises:
+      OutputPathError: naming ``flag``, the path and what to do.
+    """
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind={kind!r}; use 'file' or 'folder'.")
+    p = path(target)
+    if kind == "file" and p.is_dir():
+        raise OutputPathError(f"{flag} {target} is a folder; name a file to write (or remove it).")
+    if kind == "folder" and p.exists() and not p.is_dir():
+        raise OutputPathError(f"{flag} {target} is a file; name a folder to write into.")
+    if not is_local(target):
+        return  # an object store: permissions show at the first write
+    existing = os.path.abspath(target)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputPathError(f"{flag} {target}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK) or (
+        existing == os.path.abspath(target) and not os.access(existing, os.W_OK)
+    ):
+        raise OutputPathError(
+            f"{flag} {target}: {existing} is not writable by this user; choose another path."
+        )
 
 
 def write_text(file: epath.PathLike, text: str) -> None:

@@ -1,14 +1,4 @@
-"""Exports a trained model to run without this code: a serialized ``jax.export`` artifact,
-or (SegFormer with the HF head) a transformers ``SegformerForSemanticSegmentation`` folder.
-
-``export_jax``: the whole-image network at a fixed (H, W), uint8 RGB (B, H, W, 3) in,
-float32 logits (B, H, W, N) out (normalization inside, logits resized to the input as
-evaluation's whole mode does), B symbolic. The weights are baked in as constants, so the
-file is the model: loading it needs only ``jax`` (``jax.export.deserialize``) and no pytree
-types, weights file or model code, at the cost of one export per set of weights. Slide
-windows and multi-scale / flip are host-side loops around such a network
-(``cbp_jax.inference``); this artifact is the single-view network. A JSON file beside it
-says what goes in and out, the class names and the palette.
+"""``--to hf``: a transformers folder that serves the model in PyTorch.
 
 ``export_hf_segformer``: the encoder and decode head map back through the inverse of
 ``weights.HF_SEGFORMER_HEAD`` / ``HF_MIT_V4``; a CBP classifier becomes the 1x1 conv
@@ -21,108 +11,17 @@ measured.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cbp_jax import resize, storage, train_lib, weights
-from cbp_jax.data.transforms import MEAN, STD
+from cbp_jax import storage, weights
+from cbp_jax.export.common import MissingDependencyError, Request
 from cbp_jax.predict import Segmenter
 
 HF_LAYER_NORM_EPS = 1e-5  # transformers' SegFormer ignores config.layer_norm_eps
-
-
-class MissingDependencyError(RuntimeError):
-    """An optional package an export needs is not installed (the message says which)."""
-
-
-# ----------------------------------------------------------------------------- jax.export
-
-
-def serving_fn(segmenter: Segmenter, size_hw: tuple[int, int]):
-    """``f(images uint8 (B, H, W, 3)) -> logits float32 (B, H, W, N)`` with the weights as
-    constants: the test-time normalization, the network (eval mode, ``config.eval.dtype``)
-    and the bilinear resize back to (H, W)."""
-    state = jax.device_get(segmenter.state)  # NumPy: lowered as constants
-    predict = train_lib.make_predict_fn(segmenter.graphdef)
-    mean = np.asarray(MEAN, np.float32)
-    inv_std = 1.0 / np.asarray(STD, np.float32)  # as data.transforms.normalize
-
-    def serve(images: jax.Array) -> jax.Array:
-        x = (images.astype(jnp.float32) - mean) * inv_std
-        return resize.resize_bilinear(predict(state, x), size_hw)
-
-    return serve
-
-
-def export_jax(
-    segmenter: Segmenter,
-    path: str,
-    *,
-    size_hw: tuple[int, int],
-    platforms: Sequence[str] | None = None,
-    batch_size: int | None = None,
-) -> jax.export.Exported:
-    """Serializes the network to ``path`` (and ``path + ".json"``).
-
-    Args:
-      segmenter: the model.
-      path: the file to write (local or ``gs://``).
-      size_hw: the fixed input (H, W).
-      platforms: e.g. ``("cpu", "cuda")``; default the current backend's.
-      batch_size: a fixed batch; None makes it symbolic (any B).
-
-    Returns:
-      The ``jax.export.Exported``.
-    """
-    h, w = (int(v) for v in size_hw)
-    if min(h, w) < 32:
-        raise ValueError(f"size {size_hw}: each side must be at least 32 (the encoder's stride).")
-    batch = jax.export.symbolic_shape("b")[0] if batch_size is None else int(batch_size)
-    spec = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.uint8)
-    try:
-        import flatbuffers  # noqa: F401 -- what Exported.serialize needs
-    except ImportError as e:
-        raise MissingDependencyError(
-            'Serializing a jax.export artifact needs flatbuffers: pip install -e ".[export]" '
-            "(or pip install flatbuffers); loading it needs the same."
-        ) from e
-    exported = jax.export.export(
-        jax.jit(serving_fn(segmenter, (h, w))),
-        platforms=tuple(platforms) if platforms else None,
-    )(spec)
-    file = storage.path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_bytes(exported.serialize())
-    n = segmenter.num_classes
-    meta = {
-        "format": "jax.export (load: jax.export.deserialize(bytearray(open(path, 'rb').read())))",
-        "input": {
-            "dtype": "uint8",
-            "shape": ["B" if batch_size is None else batch, h, w, 3],
-            "layout": "RGB, 0..255; resize images to this size first",
-        },  # fmt: skip
-        "output": {
-            "dtype": "float32",
-            "shape": ["B" if batch_size is None else batch, h, w, n],
-            "meaning": "logits; argmax over the last axis gives the class ids",
-        },  # fmt: skip
-        "platforms": list(exported.platforms),
-        "model": segmenter.config.model.name,
-        "weights": segmenter.loaded_from,
-        "class_names": list(segmenter.class_names),
-        "palette": np.asarray(segmenter.palette).tolist(),
-    }
-    storage.write_text(os.fspath(path) + ".json", json.dumps(meta, indent=1))
-    return exported
-
-
-# ----------------------------------------------------------------------------- transformers
 
 
 def check_hf_exportable(config) -> None:
@@ -270,3 +169,21 @@ def export_hf_segformer(
             f"{HF_LAYER_NORM_EPS}: logits differ by up to {diff:.2g} on the check image"
         )
     return {"path": out_dir, "max_abs_logit_diff": diff, "notes": notes}
+
+
+OUT_KIND = "folder"  # what --out names
+
+
+def check(config) -> None:
+    """Raises ValueError unless transformers can hold the model."""
+    check_hf_exportable(config)
+
+
+def run(segmenter: Segmenter, request: Request) -> list[str]:
+    """``export.py --to hf``: writes the folder and reports PyTorch's logit difference."""
+    result = export_hf_segformer(segmenter, request.out)
+    lines = [
+        f"{request.out}: SegformerForSemanticSegmentation; PyTorch's logits differ from ours "
+        f"by at most {result['max_abs_logit_diff']:.2g} on a check image"
+    ]
+    return lines + [f"note: {note}" for note in result["notes"]]

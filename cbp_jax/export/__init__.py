@@ -1,0 +1,38 @@
+"""Exports: a trained model leaves this code as a file another runtime serves.
+
+One module per target, each with ``OUT_KIND`` (``"file"`` or ``"folder"``: what ``--out``
+names), ``check(config)`` (raises ``ValueError`` before anything loads when the target cannot
+hold the model) and ``run(segmenter, request) -> [lines]`` (writes ``request.out``, checks the
+result in its runtime where it can, and returns what ``export.py`` prints):
+
+- ``jax`` (``to_jax``): a serialized ``jax.export`` artifact; needs only jax to run.
+- ``hf`` (``to_hf``): a transformers folder (``SegformerForSemanticSegmentation``).
+
+``TARGETS`` maps each name to its module; ``export.py --to NAME`` dispatches through it.
+"""
+
+from __future__ import annotations
+
+from cbp_jax.export import to_hf, to_jax
+from cbp_jax.export.common import MissingDependencyError, Request
+from cbp_jax.export.to_hf import (
+    check_hf_exportable,
+    export_hf_segformer,
+    hf_state_dict,
+    segformer_config,
+)
+from cbp_jax.export.to_jax import export_jax, serving_fn
+
+TARGETS = {"jax": to_jax, "hf": to_hf}
+
+__all__ = [
+    "TARGETS",
+    "MissingDependencyError",
+    "Request",
+    "check_hf_exportable",
+    "export_hf_segformer",
+    "export_jax",
+    "hf_state_dict",
+    "segformer_config",
+    "serving_fn",
+]
