@@ -54,7 +54,14 @@ def main(argv):
     )
     try:
         config_checks.validate(config)
-        predict_lib.list_inputs(inputs)  # every input exists and is of a known kind
+        storage.check_writable(flags.FLAGS.out, "folder")
+        found = predict_lib.Inputs.find(inputs, progress=True)  # before the model loads
+        for line in found.skipped:
+            print(f"skipped: {line}")
+        if not found.items:
+            raise SystemExit(
+                f"error: no input can be read ({len(found.skipped)} skipped, named above)."
+            )
         if flags.FLAGS.weights:
             segmenter = predict_lib.Segmenter.from_weights(config, flags.FLAGS.weights)
         else:
@@ -62,7 +69,7 @@ def main(argv):
         print(f"Predicting with {segmenter.loaded_from}")
         summary = predict_lib.predict_files(
             segmenter,
-            inputs,
+            found,
             flags.FLAGS.out,
             fmt=flags.FLAGS.format,
             overlay_alpha=flags.FLAGS.overlay_alpha,
@@ -70,10 +77,22 @@ def main(argv):
         )
     except (*errors.STOP_ERRORS, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    for line in summary["warnings"]:
+        print(f"warning: {line}")
     print(
         f"{summary['images']} images, {summary['videos']} videos ({summary['frames']} frames) "
         f"-> {flags.FLAGS.out}"
     )
+    if summary["skipped"]:
+        late = summary["skipped"][len(found.skipped) :]
+        for line in late:
+            print(f"skipped: {line}")
+        skipped = len(summary["skipped"])
+        total = skipped + summary["images"] + summary["videos"]
+        raise SystemExit(
+            f"error: {skipped} of {total} inputs could not be read and were skipped (named "
+            "above); the others were labelled."
+        )
 
 
 if __name__ == "__main__":

@@ -318,6 +318,39 @@ def _to_output(logits, *, size, flip, softmax):
     return out
 
 
+def _views(logits_fn, images, settings: Settings, num_classes):
+    """``(logits (B, h, w, N) at the network's input size, flipped)`` of every test view."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (B, H, W, 3), got shape {tuple(images.shape)}.")
+    for ratio in settings.ratios:
+        x = images
+        for size in eval_resize_sizes(
+            tuple(images.shape[1:3]),
+            scale=settings.scale,
+            ratio=float(ratio),
+            aligned=settings.aligned,
+            size_divisor=settings.size_divisor,
+        ):
+            x = resize_bilinear(x, size)
+        for f in (False, True) if settings.flip else (False,):
+            xf = x[:, :, ::-1] if f else x
+            if settings.mode == "whole":
+                yield whole_inference(logits_fn, xf, num_classes=num_classes), f
+            else:
+                yield (
+                    slide_inference(
+                        logits_fn,
+                        xf,
+                        crop=settings.crop,
+                        stride=settings.stride,
+                        num_classes=num_classes,
+                        window_batch=settings.window_batch,
+                        pad_windows=settings.pad_windows,
+                    ),
+                    f,
+                )
+
+
 def inference(
     logits_fn: LogitsFn,
     images: jax.Array,
@@ -355,45 +388,82 @@ def inference(
 
     Returns:
       (B, H0, W0, N): logits for one view (ratios == (1.0,), no flip); otherwise the mean of
-      the softmax probabilities of all views (mmseg's TTA). Argmax gives the prediction.
+      the softmax probabilities of all views (mmseg's TTA). Argmax gives the prediction; at
+      a large ``out_size`` :func:`classes` gives it without this array.
     """
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}.")
-    if mode == "slide" and (crop is None or stride is None):
-        raise ValueError("mode='slide' needs crop and stride, e.g. crop=512, stride=341.")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be (B, H, W, 3), got shape {tuple(images.shape)}.")
-    ratios = tuple(float(r) for r in ratios)
-    if not ratios:
-        raise ValueError("ratios must hold at least one ratio, e.g. (1.0,).")
+    settings = Settings(
+        mode=mode,
+        crop=crop,
+        stride=stride,
+        scale=scale,
+        aligned=aligned,
+        size_divisor=size_divisor,
+        ratios=tuple(ratios),
+        flip=flip,
+        window_batch=window_batch,
+        pad_windows=pad_windows,
+    )
     out_size = (int(out_size[0]), int(out_size[1]))
-    flips = (False, True) if flip else (False,)
-    tta = len(ratios) * len(flips) > 1
+    views = list(_views(logits_fn, images, settings, num_classes))
+    tta = len(views) > 1
     total = None
-    for ratio in ratios:
-        x = images
-        for size in eval_resize_sizes(
-            tuple(images.shape[1:3]),
-            scale=scale,
-            ratio=ratio,
-            aligned=aligned,
-            size_divisor=size_divisor,
-        ):
-            x = resize_bilinear(x, size)
-        for f in flips:
-            xf = x[:, :, ::-1] if f else x
-            if mode == "whole":
-                logits = whole_inference(logits_fn, xf, num_classes=num_classes)
-            else:
-                logits = slide_inference(
-                    logits_fn,
-                    xf,
-                    crop=crop,
-                    stride=stride,
-                    num_classes=num_classes,
-                    window_batch=window_batch,
-                    pad_windows=pad_windows,
-                )
-            out = _to_output(logits, size=out_size, flip=f, softmax=tta)
-            total = out if total is None else total + out
-    return total / (len(ratios) * len(flips)) if tta else total
+    for logits, f in views:
+        out = _to_output(logits, size=out_size, flip=f, softmax=tta)
+        total = out if total is None else total + out
+    return total / len(views) if tta else total
+
+
+@functools.partial(jax.jit, static_argnames=("width", "flip", "softmax"))
+def _rows_to_output(logits, lo, hi, frac, *, width, flip, softmax):
+    """Rows ``lo``/``hi``/``frac`` (R,) of :func:`_to_output`: the same ops on those rows."""
+    w = frac.astype(logits.dtype)[None, :, None, None]
+    rows = jnp.take(logits, lo, axis=1) * (1 - w) + jnp.take(logits, hi, axis=1) * w
+    return _to_output(rows, size=(rows.shape[1], width), flip=flip, softmax=softmax)
+
+
+def classes(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    *,
+    out_size: tuple[int, int],
+    band_bytes: int = 256 << 20,
+    **settings,
+) -> np.ndarray:
+    """``argmax(inference(...), -1)`` in bands of output rows: memory bounded by
+    ``band_bytes`` per band instead of the (B, H0, W0, N) scores (14 GB for a 24-megapixel
+    image at 150 classes).
+
+    Each band takes its rows of the bilinear resize (the same taps and ops as the whole
+    resize, so the classes equal :func:`inference`'s argmax) and, with TTA, sums the
+    views' softmax for those rows only. Compiles once per band height, width and view shape.
+
+    Args:
+      logits_fn, images, out_size, settings: as :func:`inference` (``settings``: the
+        fields of :class:`Settings` and ``num_classes``).
+      band_bytes: the float32 scores of one band, at most (at least one row per band).
+
+    Returns:
+      int32 (B, H0, W0) class ids, in host memory.
+    """
+    num_classes = settings.pop("num_classes", None)
+    views = list(_views(logits_fn, images, Settings(**settings), num_classes))
+    h0, w0 = (int(v) for v in out_size)
+    batch, n = images.shape[0], views[0][0].shape[-1]
+    band = int(max(1, min(h0, band_bytes // (4 * batch * w0 * n))))
+    out = np.empty((batch, h0, w0), np.int32)
+    tta = len(views) > 1
+    for start in range(0, h0, band):
+        stop = min(start + band, h0)
+        total = None
+        for logits, f in views:
+            lo, hi, frac = (
+                np.resize(v[start:stop], band) for v in resize.bilinear_taps(logits.shape[1], h0)
+            )  # the last band repeats its rows to keep one shape
+            rows = _rows_to_output(
+                logits, lo, hi, frac.astype(np.float32), width=w0, flip=f, softmax=tta
+            )
+            total = rows if total is None else total + rows
+        if tta:
+            total = total / len(views)
+        out[:, start:stop] = np.asarray(jnp.argmax(total, -1))[:, : stop - start]
+    return out

@@ -16,12 +16,12 @@ device (the first, or ``device``); the model compiles once per input size and is
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -122,13 +122,22 @@ class Segmenter:
 
         Returns:
           float32 (H, W, N) or (B, H, W, N): logits, or the mean softmax probabilities when
-          ``config.eval`` asks for several ratios or flip.
+          ``config.eval`` asks for several ratios or flip. H * W * N * 4 bytes: for class ids
+          of a large image call the segmenter itself, which never holds this array.
         """
         return np.asarray(self._scores(images))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Class ids: uint8 RGB (H, W, 3) -> int32 (H, W); (B, H, W, 3) -> (B, H, W)."""
-        return np.asarray(jnp.argmax(self._scores(images), -1).astype(jnp.int32))
+        """Class ids: uint8 RGB (H, W, 3) -> int32 (H, W); (B, H, W, 3) -> (B, H, W).
+
+        The argmax of :meth:`logits`, computed in bands of rows (``inference.classes``), so
+        memory stays bounded at any input size (a 24-megapixel photo included)."""
+        x, out_size, single = self._prepare(images)
+        ids = inference.classes(
+            self._logits, x, out_size=out_size, num_classes=self.num_classes,
+            **dataclasses.asdict(self.settings),
+        )  # fmt: skip
+        return ids[0] if single else ids
 
     def network(self, x: np.ndarray) -> jax.Array:
         """The bare network: normalized float32 (B, h, w, 3) -> logits (B, h/4, w/4, N)."""
@@ -140,7 +149,11 @@ class Segmenter:
 
         return nnx.merge(self.graphdef, self.state["params"], self.state["model_state"])
 
-    def _scores(self, images: np.ndarray) -> jax.Array:
+    def _logits(self, x: jax.Array) -> jax.Array:
+        return self._predict(self.state, x)
+
+    def _prepare(self, images: np.ndarray) -> tuple[jax.Array, tuple[int, int], bool]:
+        """``(normalized test-size batch on the device, original (H, W), single image?)``."""
         images = np.asarray(images)
         single = images.ndim == 3
         batch = images[None] if single else images
@@ -151,13 +164,14 @@ class Segmenter:
                 "np.asarray(PIL.Image.open(path).convert('RGB'))."
             )
         x = np.stack([self.transform({"image": im, "label": None})["image"] for im in batch])
+        return jax.device_put(x, self.device), tuple(batch.shape[1:3]), single
+
+    def _scores(self, images: np.ndarray) -> jax.Array:
+        x, out_size, single = self._prepare(images)
         scores = inference.inference(
-            lambda v: self._predict(self.state, v),
-            jax.device_put(x, self.device),
-            out_size=batch.shape[1:3],
-            num_classes=self.num_classes,
+            self._logits, x, out_size=out_size, num_classes=self.num_classes,
             **dataclasses.asdict(self.settings),
-        )
+        )  # fmt: skip
         return scores[0] if single else scores
 
 
@@ -213,6 +227,59 @@ def list_inputs(paths: Sequence[str]) -> list[tuple[str, str, str]]:
             )
         seen[name] = path
     return items
+
+
+def unreadable(kind: str, path: str) -> str | None:
+    """Why the image or video at ``path`` cannot be read in full (a truncated or foreign
+    file), or None. Images are decoded whole with Pillow, which (unlike OpenCV) refuses a
+    truncated JPEG; videos must open and give a first frame."""
+    if kind == "video":
+        try:
+            with storage.local_copy(path) as local:
+                frames, _, _ = read_video(local)
+                if next(frames, None) is None:
+                    return "no readable frame"
+                frames.close()
+        except InputError as e:
+            return str(e).split(": ", 1)[-1]
+        return None
+    try:
+        with Image.open(io.BytesIO(storage.path(path).read_bytes())) as im:
+            im.load()
+    except Image.UnidentifiedImageError:
+        return "not an image file Pillow knows (another kind of file, or damaged at the start)"
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        return f"{e} (a damaged or incomplete file?)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The inputs of a predict run, checked before any model loads.
+
+    Attributes:
+      items: ``[(kind, path, name)]`` of the readable images and videos (``list_inputs``).
+      skipped: ``"path: why"`` of each file that cannot be read.
+    """
+
+    items: list[tuple[str, str, str]]
+    skipped: list[str]
+
+    @classmethod
+    def find(cls, paths: Sequence[str], *, progress: bool = False) -> Inputs:
+        """Lists ``paths`` (:func:`list_inputs`: a missing path or an unknown kind raises
+        :class:`InputError`) and reads every file once, setting the unreadable ones aside."""
+        from tqdm.auto import tqdm
+
+        items, skipped = [], []
+        listed = list_inputs(paths)
+        for item in tqdm(listed, desc="checking inputs", unit="file", disable=not progress):
+            why = unreadable(item[0], item[1])
+            if why is None:
+                items.append(item)
+            else:
+                skipped.append(f"{item[1]}: {why}")
+        return cls(items, skipped)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -283,18 +350,19 @@ def read_video(path: str) -> tuple[Iterator[np.ndarray], float, int]:
 
 
 class VideoWriter:
-    """MPEG-4 video from uint8 (H, W, 3) RGB frames (OpenCV, ``mp4v``)."""
+    """A video from uint8 (H, W, 3) RGB frames (OpenCV): ``fourcc`` ``"mp4v"`` (MPEG-4, for
+    ``.mp4``) or ``"VP80"`` (VP8, for ``.webm``, which browsers play)."""
 
-    def __init__(self, path: str, fps: float, size_hw: tuple[int, int]):
+    def __init__(self, path: str, fps: float, size_hw: tuple[int, int], fourcc: str = "mp4v"):
         import cv2
 
         self._cv2 = cv2
         self.path = path
         self._writer = cv2.VideoWriter(
-            path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (size_hw[1], size_hw[0])
+            path, cv2.VideoWriter_fourcc(*fourcc), fps, (size_hw[1], size_hw[0])
         )
         if not self._writer.isOpened():
-            raise OSError(f"cannot write the video {path} (OpenCV's mp4v encoder).")
+            raise OSError(f"cannot write the video {path} (OpenCV's {fourcc} encoder).")
 
     def write(self, frame: np.ndarray) -> None:
         self._writer.write(self._cv2.cvtColor(frame, self._cv2.COLOR_RGB2BGR))
@@ -305,7 +373,7 @@ class VideoWriter:
 
 def predict_files(
     segmenter: Segmenter,
-    paths: Sequence[str],
+    inputs: Inputs | Sequence[str],
     out_dir: str,
     *,
     fmt: str = "palette",
@@ -317,11 +385,12 @@ def predict_files(
 
     An image ``x`` gives ``<out>/<x>.png`` and ``<out>/<x>_overlay.jpg``; a video ``v`` gives
     ``<out>/<v>/frame_000000.png`` ... and ``<out>/<v>_overlay.mp4``. Every input is checked
-    (it exists, its kind is known) before the first prediction.
+    (it exists, its kind is known, it reads) before the first prediction; an unreadable file
+    is skipped and named in the summary, the others are labelled.
 
     Args:
       segmenter: the model.
-      paths: image files, folders, video files.
+      inputs: image files, folders, video files, or their :class:`Inputs` (checked already).
       out_dir: output folder (created).
       fmt: ``"palette"`` (indexed-colour PNG whose values are the ids) or ``"ids"``.
       overlay_alpha: weight of the class colours in the overlays, in [0, 1].
@@ -329,7 +398,8 @@ def predict_files(
       progress: show progress bars.
 
     Returns:
-      ``{"images": n, "videos": n, "frames": n, "written": [paths]}``.
+      ``{"images": n, "videos": n, "frames": n, "written": [paths], "skipped": ["path: why"],
+      "warnings": [lines]}`` (warnings: e.g. a video that ended before its announced length).
     """
     from tqdm.auto import tqdm
 
@@ -339,10 +409,15 @@ def predict_files(
         raise ValueError(f"--overlay_alpha {overlay_alpha}; use a number in [0, 1].")
     if batch_size < 1:
         raise ValueError(f"--batch_size {batch_size}; use an integer >= 1.")
-    items = list_inputs(paths)
+    if not isinstance(inputs, Inputs):
+        inputs = Inputs.find(inputs)
+    items = inputs.items
     palette = segmenter.palette
     label_image(np.zeros((1, 1), np.int32), fmt, palette)  # a palette too small fails now
-    summary: dict[str, Any] = {"images": 0, "videos": 0, "frames": 0, "written": []}
+    summary: dict[str, Any] = {
+        "images": 0, "videos": 0, "frames": 0, "written": [],
+        "skipped": list(inputs.skipped), "warnings": [],
+    }  # fmt: skip
 
     def save(classes, image, name):
         label_path = os.path.join(out_dir, name + ".png")
@@ -352,16 +427,25 @@ def predict_files(
 
     images = [it for it in items if it[0] == "image"]
     for _, path, name in tqdm(images, desc="images", unit="image", disable=not progress):
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except InputError as e:  # readable when checked, not now (changed on disk?)
+            summary["skipped"].append(f"{path}: {e}")
+            continue
         shown = save(segmenter(image), image, name)
         overlay_path = os.path.join(out_dir, name + "_overlay.jpg")
         _save_image(Image.fromarray(shown), overlay_path, format="JPEG", quality=90)
         summary["written"].append(overlay_path)
         summary["images"] += 1
     for _, path, name in [it for it in items if it[0] == "video"]:
-        frames, video_path = _predict_video(
+        frames, video_path, announced = _predict_video(
             segmenter, path, name, save, out_dir, batch_size, progress
         )
+        if announced > frames:
+            summary["warnings"].append(
+                f"{path}: the video ended after {frames} of the {announced} frames its header "
+                f"announces (a truncated file?); the {frames} frames read were labelled."
+            )
         summary["written"].append(video_path)
         summary["videos"] += 1
         summary["frames"] += frames
@@ -376,9 +460,12 @@ def _save_image(image: Image.Image, path: str, **params) -> None:
         image.save(f, **params)
 
 
-def _predict_video(segmenter, path, name, save, out_dir, batch_size, progress) -> tuple[int, str]:
+def _predict_video(
+    segmenter, path, name, save, out_dir, batch_size, progress
+) -> tuple[int, str, int]:
     """Segments a video ``batch_size`` frames per call, saving each frame's labels through
-    ``save`` and the overlays as ``<out>/<name>_overlay.mp4``; returns (frames, its path).
+    ``save`` and the overlays as ``<out>/<name>_overlay.mp4``; returns (frames, its path,
+    the frame count its header announces, 0 if none).
     OpenCV reads and writes local files only: a ``gs://`` video is copied in and out."""
     from tqdm.auto import tqdm
 
@@ -405,7 +492,7 @@ def _predict_video(segmenter, path, name, save, out_dir, batch_size, progress) -
                 writer.close()
         if index == 0:
             raise InputError(f"cannot read the video {path}: it has no readable frame.")
-    return index, video_path
+    return index, video_path, count
 
 
 def _chunks(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:

@@ -87,7 +87,8 @@ class OutputPathError(ValueError):
 
 def check_writable(target: epath.PathLike, kind: str, *, flag: str = "--out") -> None:
     """Checks, before any work, that ``target`` can become a ``kind`` ("file" or "folder"):
-    not the other kind already, and (locally) under a folder this user may write in.
+    not the other kind already, and (locally) in a folder this process can create and write
+    in, proven by creating it and a probe file there (a folder made here stays).
 
     Raises:
       OutputPathError: naming ``flag``, the path and what to do.
@@ -101,17 +102,17 @@ def check_writable(target: epath.PathLike, kind: str, *, flag: str = "--out") ->
         raise OutputPathError(f"{flag} {target} is a file; name a folder to write into.")
     if not is_local(target):
         return  # an object store: permissions show at the first write
-    existing = os.path.abspath(target)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise OutputPathError(f"{flag} {target}: {existing} is a file, not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK) or (
-        existing == os.path.abspath(target) and not os.access(existing, os.W_OK)
-    ):
+    folder = os.path.abspath(
+        target if kind == "folder" else os.path.dirname(os.path.abspath(target))
+    )
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
         raise OutputPathError(
-            f"{flag} {target}: {existing} is not writable by this user; choose another path."
-        )
+            f"{flag} {target}: cannot write in {folder} ({e.strerror or e}); choose another path."
+        ) from None
 
 
 def write_text(file: epath.PathLike, text: str) -> None:

@@ -318,6 +318,33 @@ def test_flip_and_multiscale_average_probabilities():
     np.testing.assert_allclose(np.asarray(got), np.mean(views, 0), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"ratios": (0.5, 1.0), "flip": True}, {"mode": "slide", "crop": 16, "stride": 12}],
+    ids=["whole", "multiscale_flip", "slide"],
+)
+def test_classes_in_row_bands_equal_the_argmax_of_the_scores(settings):
+    """inference.classes computes the argmax band by band (here 1, 7 and 1000 rows per band,
+    the last band ragged): the same classes as the argmax of inference's full scores."""
+    x = np.random.default_rng(9).normal(size=(2, 32, 48, 3)).astype(np.float32)
+    ramp = np.linspace(-0.2, 0.2, 12, dtype=np.float32)[None, None, :, None] * np.arange(N)
+
+    def skew_fn(z, xp=jnp):  # position-dependent, so a flip or a wrong row shows
+        return quarter_fn(z, xp) + ramp[:, :, : z.shape[2] // 4]
+
+    out_size = (77, 101)
+    full = inference.inference(skew_fn, jnp.asarray(x), out_size=out_size, **settings)
+    expected = np.asarray(full).argmax(-1)
+    assert len(np.unique(expected)) >= 3
+    row_bytes = 4 * 2 * out_size[1] * N
+    for rows in (1, 7, 1000):
+        got = inference.classes(
+            skew_fn, jnp.asarray(x), out_size=out_size, band_bytes=rows * row_bytes, **settings
+        )
+        assert got.dtype == np.int32 and got.shape == (2, *out_size)
+        np.testing.assert_array_equal(got, expected, err_msg=f"{rows} rows per band")
+
+
 def test_inference_aligned_slide_pipeline_shapes():
     seen = []
 

@@ -2,6 +2,7 @@
 checkpoint, reuses its compiled programs; predict.py writes label PNGs, overlays and videos."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -258,3 +259,76 @@ def test_predict_cli(run, tmp_path):
     )
     assert missing.returncode == 1
     assert "nope.jpg does not exist" in missing.stderr
+
+
+def _damaged_inputs(folder) -> dict[str, str]:
+    """A folder of 2 good JPEGs, a truncated one and random bytes named .jpg, and an MJPG AVI
+    cut after 6 of the 10 frames its header announces."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    photos = folder / "photos"
+    photos.mkdir()
+    for name in ("good_a", "good_b"):
+        image = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+        Image.fromarray(image).save(photos / f"{name}.jpg", quality=95)
+    data = (photos / "good_a.jpg").read_bytes()
+    (photos / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (photos / "garbage.jpg").write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    mjpg = cv2.VideoWriter_fourcc(*"MJPG")
+    writer = cv2.VideoWriter(str(folder / "full.avi"), mjpg, 10, (48, 32))
+    for _ in range(10):
+        writer.write(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    writer.release()
+    video = (folder / "full.avi").read_bytes()
+    chunks = [i for i in range(len(video)) if video.startswith(b"00dc", i)]
+    (folder / "cut.avi").write_bytes(video[: chunks[7]])  # the movi list's first 6 frames
+    return {"photos": str(photos), "video": str(folder / "cut.avi")}
+
+
+@pytest.mark.slow
+def test_predict_cli_names_bad_inputs_and_labels_the_good_ones(run, tmp_path):
+    """Unreadable files are named before the model loads, the readable ones labelled, and
+    the run exits 1 saying how many were skipped; a video that ends early is labelled with a
+    warning; an --out that is a file or cannot be written stops before the model loads."""
+    _, workdir, _ = run
+    inputs = _damaged_inputs(tmp_path)
+    config = os.path.join(REPO, "configs", "scenes_mit_b0.py:smoke")
+    command = [sys.executable, os.path.join(REPO, "predict.py"), "--config", config]
+    command += ["--workdir", workdir]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+
+    def predict_cli(*args):
+        return subprocess.run([*command, *args], capture_output=True, text=True, env=env)
+
+    out = tmp_path / "out"
+    done = predict_cli(inputs["photos"], inputs["video"], "--out", str(out))
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    loaded = next(i for i, line in enumerate(lines) if line.startswith("Predicting with"))
+    skipped = [line for line in lines[:loaded] if line.startswith("skipped: ")]
+    assert len(skipped) == 2, done.stdout
+    assert "garbage.jpg: not an image file" in skipped[0]
+    assert "truncated.jpg: image file is truncated" in skipped[1]
+    ended = ": the video ended after 6 of the 10 frames"
+    assert f"warning: {inputs['video']}{ended}" in done.stdout
+    assert "2 images, 1 videos (6 frames)" in done.stdout
+    assert "error: 2 of 5 inputs could not be read and were skipped" in done.stderr
+    assert sorted(os.listdir(out)) == [
+        "cut", "cut_overlay.mp4", "good_a.png", "good_a_overlay.jpg", "good_b.png",
+        "good_b_overlay.jpg",
+    ]  # fmt: skip
+    assert len(os.listdir(out / "cut")) == 6
+
+    good = os.path.join(inputs["photos"], "good_a.jpg")
+    (tmp_path / "a_file").write_text("x")
+    for target, message in [
+        (tmp_path / "a_file", "--out {} is a file; name a folder"),
+        (tmp_path / "a_file" / "sub", "--out {}: cannot write in .* \\(Not a directory\\)"),
+        ("/proc/cbp_jax_test/out", "--out {}: cannot write in"),
+    ]:
+        refused = predict_cli(good, "--out", str(target))
+        assert refused.returncode == 1
+        last = refused.stderr.splitlines()[-1]
+        assert re.match("error: " + message.format(re.escape(str(target))), last), last
+        assert "Predicting with" not in refused.stdout and "checking inputs" not in refused.stderr
