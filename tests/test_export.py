@@ -7,54 +7,16 @@ import os
 import subprocess
 import sys
 import textwrap
-import zlib
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
-from config_helpers import fresh_train_state, load_config
+from config_helpers import load_config, perturbed_state, perturbed_workdir
 
-from cbp_jax import checkpointing, export, predict, weights
-from cbp_jax import workdir as workdir_lib
+from cbp_jax import export, predict, weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _perturbed_state(config, seed: int):
-    """A fresh state with every parameter and BatchNorm statistic moved off its init, so
-    that a wrong layout or a training-mode BatchNorm shows in the logits."""
-    state = fresh_train_state(config)
-    leaves, tree = jax.tree.flatten(state["params"])
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [
-        p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys, strict=True)
-    ]
-    state["params"] = jax.tree.unflatten(tree, leaves)
-
-    def stats(path, x):
-        name = jax.tree_util.keystr(path)
-        rng = np.random.default_rng(zlib.crc32(name.encode()))
-        if name.endswith("['mean']"):
-            return rng.normal(0, 0.3, x.shape).astype(np.float32)
-        if name.endswith("['var']"):
-            return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
-        return x
-
-    state["model_state"] = jax.tree_util.tree_map_with_path(stats, state["model_state"])
-    return state
-
-
-def _workdir(config, path: str) -> str:
-    """A workdir with one checkpoint (step 3) of a perturbed model."""
-    state = _perturbed_state(config, seed=3)
-    checkpointer = checkpointing.Checkpointer(
-        os.path.join(path, "checkpoints"), every=1, async_save=False
-    )
-    checkpointer.save(3, state, {}, force=True)
-    checkpointer.close()
-    workdir_lib.write_config(path, config)
-    return path
 
 
 _CONSUMER = textwrap.dedent(
@@ -75,7 +37,7 @@ def test_jax_export_runs_without_cbp_jax(tmp_path):
     runs the artifact on a batch of 3 (the batch is symbolic) and gets the Segmenter's
     logits for those images."""
     config = load_config("scenes_mit_b0", "smoke")  # test_scale (128, 64): 64 x 128 stays
-    workdir = _workdir(config, str(tmp_path / "run"))
+    workdir = perturbed_workdir(config, str(tmp_path / "run"))
     artifact = str(tmp_path / "model.jaxexport")
     command = [sys.executable, os.path.join(REPO, "export.py"), "--workdir", workdir]
     command += ["--config", os.path.join(REPO, "configs", "scenes_mit_b0.py:smoke")]
@@ -119,7 +81,7 @@ def test_hf_export_gives_our_logits_in_pytorch(tmp_path, classifier):
     import transformers
 
     config = _hf_config(classifier)
-    seg = predict.Segmenter(config, _perturbed_state(config, seed=5))
+    seg = predict.Segmenter(config, perturbed_state(config, seed=5))
     result = export.export_hf_segformer(seg, str(tmp_path), check_size_hw=(64, 64))
     assert result["notes"] == [] and result["max_abs_logit_diff"] <= 1e-4
 
@@ -146,7 +108,7 @@ def test_export_state_dict_inverts_the_import_tables():
     """Ours -> HF keys -> load_pretrained's forward tables: every variable maps back to
     itself with the same value."""
     config = _hf_config("linear")
-    seg = predict.Segmenter(config, _perturbed_state(config, seed=6))
+    seg = predict.Segmenter(config, perturbed_state(config, seed=6))
     sd = export.hf_state_dict(seg)
     assert "segformer.encoder.block.0.0.attention.self.query.weight" in sd
     assert sd["segformer.encoder.patch_embeddings.0.proj.weight"].shape == (32, 3, 7, 7)
