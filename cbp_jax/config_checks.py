@@ -8,6 +8,7 @@ run starts, each problem named with its field, its value and the fix.
 import difflib
 import importlib.util
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +84,11 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("eval.every", lambda x: isinstance(x, int) and x >= 0, "an integer >= 0 (0: at the end)"),
     ("eval.mode", _one_of("whole", "slide"), "'whole' or 'slide'"),
     ("eval.batch_size", lambda x: isinstance(x, int) and x >= 0, "an integer >= 0 (0: per device)"),
+    (
+        "eval.ratios",
+        lambda x: isinstance(x, list | tuple) and len(x) > 0 and all(_positive(r) for r in x),
+        "a non-empty tuple of scales > 0, e.g. (1.0,) or (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)",
+    ),
     ("eval.dtype", _one_of("", "float32", "bfloat16", "float16"), "'float32' or '' (model.dtype)"),
 )
 
@@ -160,8 +166,13 @@ def unknown_override_message(argv: list[str], config: ml_collections.ConfigDict)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing for ``app.run(main, flags_parser=parse_flags)``; an override of a
-    field that does not exist exits with a message naming the nearest ones."""
+    """absl's flag parsing for ``app.run(main, flags_parser=parse_flags)``. Exits with one
+    line for a config file that does not load (its file:line and error, or the variants it
+    knows) and for an override of a field that does not exist (naming the nearest ones)."""
+    if "config" in flags.FLAGS:
+        problem = config_file_problem(_config_spec_in(argv))  # the default one loads
+        if problem:
+            raise SystemExit(f"error: {problem}")
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
@@ -172,15 +183,40 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise SystemExit(f"error: {message or e}") from None
 
 
-def _config_named_in(argv: list[str], default: str) -> ml_collections.ConfigDict:
-    """The config ``--config FILE[:ARG]`` in ``argv`` names (``default`` without one)."""
-    spec = default
+def _config_spec_in(argv: list[str]) -> str | None:
+    """The ``FILE[:ARG]`` of ``--config`` in ``argv`` (None without one)."""
+    spec = None
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             spec = argv[i + 1]
         elif arg.startswith("--config="):
             spec = arg.split("=", 1)[1]
-    return load_config_file(spec)
+    return spec
+
+
+def _config_named_in(argv: list[str], default) -> ml_collections.ConfigDict:
+    """The config ``--config FILE[:ARG]`` in ``argv`` names (the flag's ``default`` config
+    without one)."""
+    spec = _config_spec_in(argv)
+    return default if spec is None else load_config_file(spec)
+
+
+def config_file_problem(spec: str | None) -> str | None:
+    """One line saying why ``--config FILE[:ARG]`` does not give a config, or None: the file
+    is missing, does not compile (file:line and the error), or its ``get_config(ARG)``
+    raises (an unknown variant: the known ones)."""
+    if not spec:
+        return None
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        return f"--config {spec}: no such file {path}."
+    try:
+        load_config_file(spec)
+    except SyntaxError as e:
+        return f"--config {spec}: {e.filename}:{e.lineno}: {type(e).__name__}: {e.msg}"
+    except Exception as e:  # noqa: BLE001 - the config's own error, said in one line
+        return f"--config {spec}: {type(e).__name__}: {e}"
+    return None
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

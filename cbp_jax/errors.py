@@ -19,7 +19,13 @@ class BadTrainingDataError(RuntimeError):
     """A bad data file was met mid-run; the state before its batch was saved."""
 
 
+class WeightsFileError(ValueError):
+    """A weights file (``--weights``, ``config.init_from``) that cannot be loaded into the
+    model: unreadable, another format, or another architecture (the message says which)."""
+
+
 STOP_ERRORS = (
+    WeightsFileError,
     ConfigError,
     LayoutError,
     WorkdirBusyError,

@@ -21,6 +21,7 @@ from flax import nnx
 
 from cbp_jax import (
     checkpointing,
+    errors,
     losses,
     model_stats,
     models,
@@ -53,6 +54,20 @@ def mesh_from_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         count = max(n for n in range(1, len(devices) + 1) if config.batch_size % n == 0)
         devices = devices[:count]
     return sharding.make_mesh(shape, devices)
+
+
+def devices_left_out(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> str | None:
+    """Why the mesh leaves devices of this process idle (a CPU host whose device count does
+    not divide the batch), as a line for the log; None when it uses them all."""
+    available = jax.local_device_count()
+    used = mesh.devices.size
+    if jax.process_count() > 1 or used >= available or config.mesh.get("num_devices"):
+        return None
+    return (
+        f"using {used} of {available} CPU devices: config.batch_size={config.batch_size} is "
+        f"not divisible by {available}; a batch size that is (e.g. "
+        f"{available * max(1, -(-config.batch_size // available))}) uses all of them."
+    )
 
 
 def describe_devices(mesh: jax.sharding.Mesh) -> str:
@@ -269,7 +284,10 @@ def load_weights(
     """``(model_state with the weights of path, weights.LoadReport)``: any checkpoint format
     ``cbp_jax.weights`` reads, placed with ``shardings``; ``verbose`` prints its summary."""
     model = nnx.merge(graphdef, model_state["params"], model_state["model_state"])
-    report = weights.load_pretrained(model, path, trust_pickle=trust_pickle, verbose=verbose)
+    try:
+        report = weights.load_pretrained(model, path, trust_pickle=trust_pickle, verbose=verbose)
+    except (ValueError, RuntimeError) as e:  # the loader's messages name the file and the fix
+        raise errors.WeightsFileError(str(e)) from None
     _, params, rest = train_lib.split_model(model)
     loaded = jax.device_put({"params": params, "model_state": rest}, shardings)
     return loaded, report

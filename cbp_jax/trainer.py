@@ -23,6 +23,7 @@ from absl import logging
 from cbp_jax import (
     checkpointing,
     compilation,
+    config_checks,
     eval_lib,
     factories,
     logs,
@@ -48,21 +49,24 @@ def remat_note(config: ml_collections.ConfigDict, backend: str) -> str | None:
 
 
 def check_run_config(config: ml_collections.ConfigDict, mesh) -> None:
-    """Raises ``ValueError`` for a batch the mesh or the OCCL views cannot split, or no
+    """Raises ``ConfigError`` for a batch the mesh or the OCCL views cannot split, or no
     steps; ``data.LayoutError`` for a missing data folder (before the workdir is made)."""
     devices = mesh.devices.size
     if config.batch_size % devices:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} must divide evenly over {devices} devices; "
-            f"use a multiple of {devices}."
+        raise config_checks.ConfigError(
+            f"config.batch_size={config.batch_size} does not divide over the {devices} devices "
+            f"of the mesh; pass a multiple of {devices} (e.g. --config.batch_size="
+            f"{devices * max(1, round(config.batch_size / devices))})."
         )
     if config.loss.occl and config.loss.views == "batch_halves" and config.batch_size % 2:
-        raise ValueError(
-            f"config.loss.views='batch_halves' needs an even config.batch_size; got "
-            f"{config.batch_size}."
+        raise config_checks.ConfigError(
+            f"config.loss.views='batch_halves' splits each batch into two halves, so "
+            f"config.batch_size must be even, got {config.batch_size}: pass --config.batch_size="
+            f"{config.batch_size + 1} (or {config.batch_size - 1}), or --config.loss.views="
+            "random_pixels."
         )
     if config.total_steps < 1:
-        raise ValueError(f"config.total_steps={config.total_steps}; must be >= 1.")
+        raise config_checks.ConfigError(f"config.total_steps={config.total_steps}; must be >= 1.")
     factories.check_data_root(config)
 
 
@@ -111,6 +115,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         logging.info("workdir %s", workdir)
         logging.info("%s", factories.describe_devices(mesh))
+        if note := factories.devices_left_out(config, mesh):
+            logging.warning("%s", note)
         if note := sharding.accelerator_note(jax.default_backend()):
             logging.warning("%s", note)
         with jax.set_mesh(mesh):

@@ -1,5 +1,6 @@
 """Optimizer recipes, schedules, the train step's variants, pretrained init, mesh set-up."""
 
+import os
 import re
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 from config_helpers import load_config
 from flax import nnx
 
-from cbp_jax import factories, losses, resize, sharding, train_lib, trainer
+from cbp_jax import config_checks, factories, losses, resize, sharding, train_lib, trainer
 
 ALL_CONFIGS = [
     "ade20k_mit_b0",
@@ -437,11 +438,25 @@ def test_mesh_from_config_and_errors():
     config = _tiny()
     config.batch_size = 6
     config.mesh.update(data=-1, num_devices=0)
-    # One process on CPU (one device per core): as many devices as divide the batch.
-    assert factories.mesh_from_config(config).devices.size == 6
+    # One process on CPU (one device per core): as many devices as divide the batch, and
+    # the log says why the others are idle.
+    mesh = factories.mesh_from_config(config)
+    assert mesh.devices.size == 6
+    assert factories.devices_left_out(config, mesh) == (
+        "using 6 of 8 CPU devices: config.batch_size=6 is not divisible by 8; a batch size "
+        "that is (e.g. 8) uses all of them."
+    )
+    config.batch_size = 16
+    assert factories.devices_left_out(config, factories.mesh_from_config(config)) is None
+    config.batch_size = 6
     config.mesh.num_devices = 8  # asked for explicitly: the batch must divide
-    with pytest.raises(ValueError, match="batch_size=6 must divide evenly over 8 devices"):
+    with pytest.raises(config_checks.ConfigError, match="batch_size=6 does not divide over the 8"):
         trainer.train_and_evaluate(config, "/nonexistent/never-created")
+    config.mesh.num_devices = 0
+    config.batch_size, config.loss.occl, config.loss.views = 3, True, "batch_halves"
+    with pytest.raises(config_checks.ConfigError, match="batch_size=4 .or 2., or --config.loss"):
+        trainer.train_and_evaluate(config, "/nonexistent/never-created")
+    assert not os.path.exists("/nonexistent/never-created")
 
 
 def test_fsdp_spec_splits_the_largest_divisible_dim():
