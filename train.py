@@ -13,7 +13,9 @@ the metrics, steps/s, images/s and the ETA (--verbosity=0 shows every library's 
 
 from cbp_jax import cpu, preemption, storage
 
-preemption.watch()  # before the heavy imports: a SIGTERM during start-up exits cleanly
+# Before the heavy imports: a Ctrl-C or SIGTERM during start-up (nothing to save yet) stops
+# the process at once, even in the middle of a compilation; later ones save a checkpoint.
+preemption.watch(stop_at_once=True)
 cpu.use_cores_as_devices()  # before JAX starts: data parallelism over the cores of a CPU host
 storage.use_emulator_if_set()  # STORAGE_EMULATOR_HOST set: every GCS client to the emulator
 

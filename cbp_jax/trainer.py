@@ -104,6 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir_lib.check_resume_config(workdir, config)  # before anything is written
         storage.path(workdir).mkdir(parents=True, exist_ok=True)
         lock = workdir_lib.acquire_lock(workdir, lease_timeout=config.workdir_lease_timeout)
+        preemption.on_stop_at_once(lock.release)
     try:
         report = workdir_lib.finished_report(workdir, config.total_steps)
         if report is not None:
@@ -265,6 +266,7 @@ class _Loop:
             summary["step"] = step
             if step == start + 1:
                 jax.block_until_ready(metrics)
+                self.preemption.training_started()  # a signal now saves this run's work
                 elapsed = time.perf_counter() - compile_start
                 logging.info("train step compiled and ran once in %.1f s", elapsed)
             self.checkpointer.check_saves()

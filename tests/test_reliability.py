@@ -275,7 +275,61 @@ def test_sigterm_during_startup_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
-    assert "Preempted" in output
+    assert "SIGTERM during start-up: nothing new to save. Rerun the same command" in output
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_compilation_stops_at_once(tmp_path):
+    """SIGINT while XLA compiles the first train step (the main thread inside the compiler):
+    the process stops before the compilation ends, in one line, status 130, and a rerun of
+    the same command can take the workdir."""
+    command = [sys.executable, "train.py", "--config", "configs/scenes_mit_b0.py:smoke"]
+    command += ["--workdir", str(tmp_path), "--config.data.scenes_num_images=32"]
+    proc = subprocess.Popen(
+        command, env=_env(), cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    seen = []
+    for line in proc.stdout:  # until the compilation of the train step starts
+        seen.append(line)
+        if "compiling the train step" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-3000:]
+    assert "SIGINT during start-up: nothing new to save. Rerun the same command" in output
+    assert "compiled and ran once" not in output and "Traceback" not in output, output[-3000:]
+    lock = workdir_lib.acquire_lock(str(tmp_path), lease_timeout=300)  # not held any more
+    lock.release()
+
+
+def test_second_ctrl_c_stops_without_saving(tmp_path):
+    """Once training runs, the first Ctrl-C asks for a stop with a checkpoint (the flag the
+    loop reads); a second one exits at once with status 130, saying the last checkpoint
+    stays."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from cbp_jax import preemption\n"
+        "watcher = preemption.watch(stop_at_once=True)\n"
+        "watcher.on_stop_at_once(lambda: print('cleanup ran', flush=True))\n"
+        "watcher.training_started()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.5)\n"
+        "print('requested', watcher.requested, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(30)\n"
+        "print('not stopped')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=_env(), cwd=ROOT, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert done.stdout.splitlines() == ["requested True", "cleanup ran"], done.stdout
+    assert "SIGINT a second time: stopping without saving; the last checkpoint stays" in (
+        done.stderr
+    )
+    assert "Ctrl-C again to stop at once" in done.stderr  # the first one's warning
 
 
 # ----------------------------------------------------------------------------- whole stories
