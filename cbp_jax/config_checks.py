@@ -77,7 +77,12 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("loss.tau", _positive, "a number > 0 (the paper: 0.07)"),
     ("loss.centroid_weight", _non_negative, "a number >= 0"),
     ("loss.category_weight", _non_negative, "a number >= 0"),
-    ("loss.views", _one_of("batch_halves", "random_pixels"), "'batch_halves' or 'random_pixels'"),
+    (
+        "loss.views",
+        _one_of("batch_halves", "random_pixels", "objects"),
+        "'batch_halves', 'random_pixels' or 'objects'",
+    ),
+    ("loss.single_object", _one_of("one_view", "split_pixels"), "'one_view' or 'split_pixels'"),
     ("loss.ce_average", _one_of("all", "labelled"), "'all' (mmseg) or 'labelled'"),
     ("checkpoint.every", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
     ("checkpoint.keep", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),

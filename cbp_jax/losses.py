@@ -18,7 +18,7 @@ import numpy as np
 
 from cbp_jax import metrics, resize
 
-VIEWS = ("batch_halves", "random_pixels")
+VIEWS = ("batch_halves", "random_pixels", "objects")
 
 
 def _require_integer_labels(labels: jax.Array, name: str = "labels") -> None:
@@ -292,6 +292,7 @@ def view_assignment(
     views: str = "batch_halves",
     key: jax.Array | None = None,
     axis_name: str | None = None,
+    view_map: jax.Array | None = None,
 ) -> jax.Array:
     """Which of the two views each pixel belongs to: ``(B, H, W)`` int32 in {0, 1}.
 
@@ -299,7 +300,17 @@ def view_assignment(
     ``axis_name`` the halves are those of the whole batch, device ``d`` holding images
     ``d*B .. (d+1)*B-1``. ``"random_pixels"``: each pixel falls in either view with
     probability 1/2 (needs ``key``; folded with the device index under ``axis_name``).
+    ``"objects"``: the paper's split, half the objects of each class per view, made on the
+    host (``cbp_jax.data.views``) and given as ``view_map`` ``(B, H, W)`` in {0, 1}.
     """
+    if views == "objects":
+        if view_map is None or view_map.shape != labels.shape:
+            raise ValueError(
+                f"views='objects' needs the batch's view map (B, H, W) like the labels "
+                f"{labels.shape}; got {None if view_map is None else view_map.shape}. The "
+                "loader makes it with cbp_jax.data.views.WithObjectViews (batch['views'])."
+            )
+        return view_map.astype(jnp.int32)
     b = labels.shape[0]
     devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
     device = 0 if axis_name is None else jax.lax.axis_index(axis_name)
@@ -437,11 +448,12 @@ def occl_terms(
     ignore_index: int = 255,
     key: jax.Array | None = None,
     axis_name: str | None = None,
+    view_map: jax.Array | None = None,
 ) -> OCCLTerms:
     """The centroid (Eq. 4) and category (Eq. 5) terms of OCCL; see :func:`occl`."""
     _check_occl_inputs(features, labels, prototypes, tau)
     num_classes = prototypes.shape[0]
-    view_ids = view_assignment(labels, views, key, axis_name)
+    view_ids = view_assignment(labels, views, key, axis_name, view_map)
     centroids, counts = view_centroids(
         features, labels, view_ids, num_classes, ignore_index, axis_name
     )
@@ -489,6 +501,7 @@ def occl(
     ignore_index: int = 255,
     key: jax.Array | None = None,
     axis_name: str | None = None,
+    view_map: jax.Array | None = None,
 ) -> jax.Array:
     """Online Centroid Contrastive Loss, Eq. 6 (a scalar; 0 when no class qualifies).
 
@@ -503,11 +516,14 @@ def occl(
       tau: temperature.
       centroid_weight: lambda, the weight of the centroid term (Eq. 4).
       category_weight: phi, the weight of the category term (Eq. 5).
-      views: ``"batch_halves"`` or ``"random_pixels"`` (needs ``key``).
+      views: ``"batch_halves"``, ``"random_pixels"`` (needs ``key``) or ``"objects"`` (needs
+        ``view_map``); see :func:`view_assignment`.
       ignore_index: label of unlabelled pixels.
       key: PRNG key for ``views="random_pixels"``.
       axis_name: the ``shard_map`` / ``pmap`` axis the batch is split over: the centroids
         are then those of the whole batch, and every device gets the same loss.
+      view_map: ``(B, H, W)`` views in {0, 1} at the labels' resolution, for
+        ``views="objects"``.
     """
     terms = occl_terms(
         features,
@@ -518,6 +534,7 @@ def occl(
         ignore_index=ignore_index,
         key=key,
         axis_name=axis_name,
+        view_map=view_map,
     )
     return centroid_weight * terms.centroid + category_weight * terms.category
 
@@ -575,6 +592,7 @@ def segmentation_loss(
     cfg: LossConfig,
     key: jax.Array | None = None,
     axis_name: str | None = None,
+    view_map: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eq. 7: pixel CE on upsampled logits + OCCL on the head features (+ auxiliary CE).
 
@@ -584,6 +602,8 @@ def segmentation_loss(
       prototypes: ``(N, C)`` the classifier's class weights (targets of OCCL's category term).
       key: PRNG key for ``views="random_pixels"``.
       axis_name: the ``shard_map`` / ``pmap`` axis the batch is split over, if any.
+      view_map: ``(B, H, W)`` views at the input resolution, for ``views="objects"``
+        (downsampled with the labels).
     """
     ce = upsampled_cross_entropy(
         out["logits"], labels, cfg.ignore_index, cfg.ce_average, axis_name=axis_name
@@ -593,6 +613,8 @@ def segmentation_loss(
     if cfg.occl:
         features = out["features"]
         small = nearest_downsample(labels, features.shape[1:3])
+        if view_map is not None:
+            view_map = nearest_downsample(view_map, features.shape[1:3])
         terms = occl_terms(
             features,
             small,
@@ -602,6 +624,7 @@ def segmentation_loss(
             ignore_index=cfg.ignore_index,
             key=key,
             axis_name=axis_name,
+            view_map=view_map,
         )
         total += cfg.centroid_weight * terms.centroid + cfg.category_weight * terms.category
         metrics |= {"occl_centroid": terms.centroid, "occl_category": terms.category}

@@ -234,8 +234,9 @@ def make_train_step(
         def loss_fn(model):
             out = model(images, train=True)
             loss, metrics = losses.segmentation_loss(
-                out, labels, model.classifier.class_weights(), cfg, key
-            )
+                out, labels, model.classifier.class_weights(), cfg, key,
+                view_map=batch.get("views"),
+            )  # fmt: skip
             loss += model.classifier.orthogonality_loss()
             metrics["loss"] = loss
             return loss, (metrics, out["features"])

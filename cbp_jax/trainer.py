@@ -33,6 +33,7 @@ from cbp_jax import (
 from cbp_jax import data as data_lib
 from cbp_jax import preemption as preemption_lib
 from cbp_jax import workdir as workdir_lib
+from cbp_jax.data import views as views_lib
 from cbp_jax.errors import BadTrainingDataError, NonFiniteLossError
 
 
@@ -198,6 +199,8 @@ def _train_loader(config: ml_collections.ConfigDict, mesh):
     transform = data_lib.train_transform(
         tuple(d.crop_size), tuple(d.base_scale), tuple(d.ratio_range), d.cat_max_ratio
     )
+    if config.loss.occl and config.loss.views == "objects":
+        transform = views_lib.WithObjectViews(transform, config.loss.single_object)
     loader = data_lib.make_train_loader(
         source,
         transform,

@@ -74,10 +74,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     # loss (Eq. 7)
     # occl; tau; centroid_weight: lambda; category_weight: phi; views: "batch_halves" |
-    # "random_pixels"; aux_weight: the auxiliary FCN head's CE; ce_average: the CE divided by
-    # "all" pixels of the batch, ignored ones included (mmseg's default, avg_non_ignore=False,
-    # which the paper trained with) or by the "labelled" ones. Defaults: losses.LossConfig.
+    # "random_pixels" | "objects" (the paper's split, half the objects of each class per view:
+    # cbp_jax/data/views.py); aux_weight: the auxiliary FCN head's CE; ce_average: the CE
+    # divided by "all" pixels of the batch, ignored ones included (mmseg's default,
+    # avg_non_ignore=False, which the paper trained with) or by the "labelled" ones.
+    # Defaults: losses.LossConfig.
     c.loss = ml_collections.ConfigDict({name: getattr(LossConfig, name) for name in _LOSS_FIELDS})
+    # views="objects": a class with one object in a crop goes whole to one random view
+    # ("one_view") or has its pixels split at random ("split_pixels").
+    c.loss.single_object = "one_view"
 
     # optimizer and schedule (mmseg SegFormer recipe)
     c.optimizer = ml_collections.ConfigDict()

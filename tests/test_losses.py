@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from cbp_jax import losses
 from cbp_jax import prototypes as cbp
+from cbp_jax.data import views as views_lib
 
 # ---------------------------------------------------------------- NumPy references
 
@@ -250,6 +251,7 @@ def test_no_gradient_through_category_centroid_keys():
         ((2, 4, 4, 8), (2, 4, 4), jnp.int32, (3, 16), {}, "feature width 8"),
         ((2, 4, 4, 8), (2, 4, 4), jnp.int32, (3, 8), {"views": "random_pixels"}, "PRNG key"),
         ((2, 4, 4, 8), (2, 4, 4), jnp.int32, (3, 8), {"views": "nope"}, "not one of"),
+        ((2, 4, 4, 8), (2, 4, 4), jnp.int32, (3, 8), {"views": "objects"}, "needs the batch's"),
         ((2, 16, 8), (2, 16), jnp.int32, (3, 8), {}, r"\(B, H, W, C\)"),
     ],
 )
@@ -283,7 +285,7 @@ def test_occl_sharded_over_8_devices_equals_single_device(axis_type):
     np.testing.assert_allclose(grad_sharded, grad_single, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("views", ["batch_halves", "random_pixels"])
+@pytest.mark.parametrize("views", ["batch_halves", "random_pixels", "objects"])
 def test_losses_under_shard_map_with_axis_name_equal_single_device(views):
     """Each of 8 devices sees 2 of 16 images; with ``axis_name`` the centroids, CE sums and
     denominators are the whole batch's, so every device returns the single-device value."""
@@ -292,9 +294,10 @@ def test_losses_under_shard_map_with_axis_name_equal_single_device(views):
     key = jax.random.key(3)
     mesh = jax.make_mesh((8,), ("data",))
 
-    def per_device(f, y, z):
-        kwargs = dict(views=views, key=key, axis_name="data")
+    def per_device(f, y, z, v):
         small = losses.nearest_downsample(y, f.shape[1:3])
+        view_map = losses.nearest_downsample(v, f.shape[1:3]) if views == "objects" else None
+        kwargs = dict(views=views, key=key, axis_name="data", view_map=view_map)
         return (
             losses.occl(f, small, protos, **kwargs),
             losses.pixel_cross_entropy(
@@ -309,11 +312,17 @@ def test_losses_under_shard_map_with_axis_name_equal_single_device(views):
         jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False)
     )
     labels_full = np.repeat(np.repeat(labels, 2, axis=1), 2, axis=2)  # (16, 16, 16)
+    rng = np.random.default_rng(15)
+    view_map = np.stack([views_lib.object_views(y, rng) for y in labels_full]).astype(np.int32)
     batch = NamedSharding(mesh, P("data"))
-    got = mapped(*(jax.device_put(x, batch) for x in (features, labels_full, logits)))
+    inputs = (features, labels_full, logits, view_map)
+    got = mapped(*(jax.device_put(x, batch) for x in inputs))
     f, y, z = jnp.asarray(features), jnp.asarray(labels_full), jnp.asarray(logits)
     if views == "batch_halves":
         view_ids = _halves(labels)
+    elif views == "objects":
+        view_ids = view_map[:, ::2, ::2]  # the nearest downsample of the map
+        assert 0.2 < view_ids.mean() < 0.8
     else:  # device d draws its pixels' views from fold_in(key, d)
         view_ids = np.concatenate(
             [

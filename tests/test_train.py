@@ -17,6 +17,7 @@ from data_helpers import CAMVID_ROOT, make_ade20k, make_cocostuff_raw
 
 from cbp_jax import checkpointing, factories, trainer
 from cbp_jax.data import cocostuff
+from cbp_jax.data import views as views_lib
 
 
 def tiny_config(**overrides):
@@ -66,6 +67,30 @@ def test_smoke_camvid_loss_falls_and_checkpoints(tmp_path):  # the fast tier's r
     assert len(report["per_class"]) == 11 and report["summary"]["num_images"] == 2
     assert report["extra"]["prototype_analysis"]["max_abs_cos"] < 1e-5
     assert os.path.exists(tmp_path / "eval_8" / "prototype_cosine.png")
+
+
+@pytest.mark.slow
+def test_objects_views_train_with_the_loader_s_view_map(tmp_path):
+    """loss.views="objects": the loader ships each pixel's view (every object of the batch
+    in one view), the step reads it, and OCCL's centroid term trains."""
+    config = tiny_config(total_steps=2, **{"loss.views": "objects"})
+    config.batch_size = 4
+    summary = trainer.train_and_evaluate(config, str(tmp_path))
+    assert summary["step"] == 2 and all(np.isfinite(list(summary["losses"].values())))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(row["occl_centroid"] > 0 for row in rows if "occl_centroid" in row)
+
+    loader = trainer._train_loader(config, factories.mesh_from_config(config))
+    try:
+        batch = next(loader)
+    finally:
+        loader.close()
+    labels, view_map = np.asarray(batch["label"]), np.asarray(batch["views"])
+    assert view_map.shape == labels.shape and set(np.unique(view_map)) == {0, 1}
+    for label, image_views in zip(labels, view_map, strict=True):
+        ids, _ = views_lib.objects(label)
+        for k in range(ids.max() + 1):
+            assert len(np.unique(image_views[ids == k])) == 1
 
 
 @pytest.mark.slow

@@ -111,11 +111,8 @@ class _TrainExample:
         example, skipped = _load(self.source, record, self.skip_bad_examples)
         rng = np.random.default_rng([self.seed, epoch, record])
         out = self.transform(example, rng)
-        return {
-            "image": out["image"],
-            "label": out["label"],
-            "skipped": np.int32(skipped),
-        }
+        kept = {k: out[k] for k in ("image", "label", "views") if k in out}
+        return {**kept, "skipped": np.int32(skipped)}
 
 
 def _to_global(batch: dict, sharding) -> dict:
@@ -273,6 +270,8 @@ class TrainLoader(_BaseLoader):
 
         def convert(batch):
             out = {"image": batch["image"], "label": batch["label"].astype(np.int32)}
+            if "views" in batch:  # data.views.WithObjectViews: the OCCL views of each pixel
+                out["views"] = batch["views"].astype(np.int32)
             if sharding is not None:
                 out = _to_global(out, sharding)
             out["skipped"] = int(np.sum(batch["skipped"]))
@@ -355,7 +354,9 @@ def make_train_loader(
 
     Returns:
         A ``TrainLoader``: ``next()`` gives ``{"image": float32 (B, H, W, 3),
-        "label": int32 (B, H, W)}``; ``get_state()`` / ``set_state()``; ``close()``.
+        "label": int32 (B, H, W)}`` (and ``"views"``: int32 (B, H, W) when the transform
+        gives them, ``data.views.WithObjectViews``); ``get_state()`` / ``set_state()``;
+        ``close()``.
     """
     return TrainLoader(
         source,
