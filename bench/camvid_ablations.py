@@ -31,6 +31,17 @@ sys.path.insert(0, ROOT)  # cbp_jax, for --figures
 CONFIG = "configs/camvid_mit_b0.py"
 CAMVID_ROOT = "../shared/datasets/camvid"
 RARE_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist", "fence")
+# Every command pins these, at the values its run used, so that it reproduces the row
+# whatever the config's defaults become.
+PINNED = (
+    "loss.occl",
+    "loss.views",
+    "loss.single_object",
+    "loss.category_weight",
+    "loss.centroid_weight",
+    "loss.tau",
+    "model.cbp_length",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +69,24 @@ class Run:
         config = CONFIG + (f":{self.variant}" if self.variant else "")
         flags = {"data.root": CAMVID_ROOT, "total_steps": self.steps, "seed": self.seed}
         flags["eval.every"] = 0
-        flags |= dict(self.overrides)
+        flags |= self.pinned()
         return [sys.executable, "train.py", "--config", config, "--workdir", workdir] + [
             f"--config.{k}={v}" for k, v in flags.items()
         ]
+
+    def pinned(self) -> dict[str, str]:
+        """The :data:`PINNED` fields at this run's values: its overrides over the config's
+        defaults (a field overridden twice takes the later value)."""
+        from cbp_jax import config_checks
+
+        config = config_checks.load_config_file(
+            os.path.join(ROOT, CONFIG) + (f":{self.variant}" if self.variant else "")
+        )
+        values = {}
+        for key in PINNED:
+            section, field = key.split(".")
+            values[key] = str(config[section][field])
+        return values | dict(self.overrides)
 
 
 def runs(steps: int, long_steps: int) -> list[Run]:
@@ -114,6 +139,20 @@ def runs(steps: int, long_steps: int) -> list[Run]:
     phi_03 = (("loss.category_weight", "0.3"),)
     out += [Run("phi", "phi = 0.3", "", random_views + phi_03, seed=s, steps=steps) for s in (1, 2)]
     out += [Run("table3_long", row, v, o, steps=long_steps) for row, v, o in table3]
+    # The paper's split (half the objects of each class per view; cbp_jax/data/views.py), at
+    # the phi of the batch-halves (Table 3) and random-pixels rows it is compared with.
+    objects = (("loss.views", "objects"),) + phi_then
+    lone_whole = (("loss.single_object", "one_view"),)
+    lone_split = (("loss.single_object", "split_pixels"),)
+    learned_occl = (("loss.occl", "True"),)
+    views_rows = [
+        ("Objects", "", objects + lone_whole),
+        ("Objects, lone objects split by pixels", "", objects + lone_split),
+        ("OCCL (learned classifier), objects", "baseline", learned_occl + objects + lone_whole),
+    ]
+    out += [
+        Run("views", row, v, o, seed=s, steps=steps) for s in range(3) for row, v, o in views_rows
+    ]
     return out
 
 
@@ -220,25 +259,31 @@ def mean_std(values: list[float]) -> str:
     return f"{v.mean():.2f} +- {v.std(ddof=1):.2f}"
 
 
-def tables(rows: dict[str, dict]) -> str:
-    """Markdown tables of the finished runs: per table and row, mIoU / mAcc over seeds, the
-    rare classes' IoU, class separability and the runs' commands."""
+def tables(rows: dict[str, dict], definitions: list[Run]) -> str:
+    """Markdown tables of the finished runs: per table and row, mIoU / mAcc / aAcc and every
+    class's IoU over seeds, class separability, and each run's command as ``definitions``
+    (:func:`runs`) give it today, every :data:`PINNED` value spelled out."""
+    commands = {
+        r.name: shlex.join(["python"] + r.command(f"workdirs/camvid_ablations/{r.name}")[1:])
+        for r in definitions
+    }
     out = []
     by_table: dict[str, dict[str, list[dict]]] = {}
     for row in rows.values():
         key = row["table"] + (f" ({row['steps']} steps)" if row["table"] else "")
         by_table.setdefault(key, {}).setdefault(row["row"], []).append(row)
     for table, table_rows in by_table.items():
+        classes = list(next(iter(table_rows.values()))[0]["IoU"])
         out.append(f"### {table}\n")
         out.append(
-            "| row | seeds | mIoU | mAcc | "
-            + " | ".join(RARE_CLASSES)
-            + " | class separability |\n|---|---|---|---|"
-            + "---|" * len(RARE_CLASSES)
+            "| row | seeds | mIoU | mAcc | aAcc | "
+            + " | ".join(classes)
+            + " | class separability |\n|---|---|---|---|---|"
+            + "---|" * len(classes)
             + "---|"
         )
         for name, group in table_rows.items():
-            rare = [mean_std([g["IoU"][c] for g in group]) for c in RARE_CLASSES]
+            per_class = [mean_std([g["IoU"][c] for g in group]) for c in classes]
             sep = [
                 g["prototype_analysis"]["class_separability"]
                 for g in group
@@ -247,13 +292,14 @@ def tables(rows: dict[str, dict]) -> str:
             out.append(
                 f"| {name} | {len(group)} | {mean_std([g['mIoU'] for g in group])} | "
                 f"{mean_std([g['mAcc'] for g in group])} | "
-                + " | ".join(rare)
+                f"{mean_std([g['aAcc'] for g in group])} | "
+                + " | ".join(per_class)
                 + f" | {mean_std(sep) if sep else '-'} |"
             )
         out.append("")
         for name, group in table_rows.items():
             for g in group:
-                out.append(f"- {name}, seed {g['seed']}: `{g['command']}`")
+                out.append(f"- {name}, seed {g['seed']}: `{commands.get(g['name'], g['command'])}`")
         out.append("")
     return "\n".join(out)
 
@@ -323,7 +369,7 @@ def write_figures(rows: dict[str, dict], out_dir: str, steps: int) -> list[str]:
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 
 
-def update_markdown(path: str, rows: dict[str, dict]) -> None:
+def update_markdown(path: str, rows: dict[str, dict], definitions: list[Run]) -> None:
     """Replaces the text between ``BEGIN`` and ``END`` in ``path`` by :func:`tables`."""
     with open(path) as f:
         text = f.read()
@@ -332,7 +378,7 @@ def update_markdown(path: str, rows: dict[str, dict]) -> None:
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     with open(path, "w") as f:
-        f.write(f"{head}{BEGIN}\n{tables(rows)}\n{END}{tail}")
+        f.write(f"{head}{BEGIN}\n{tables(rows, definitions)}\n{END}{tail}")
 
 
 def main() -> None:
@@ -361,9 +407,9 @@ def main() -> None:
         only = set(filter(None, a.only.split(","))) or None
         sweep(all_runs, a.results, a.workdirs, only, a.devices)
     if a.table:
-        print(tables(read_results(a.results)))
+        print(tables(read_results(a.results), all_runs))
     if a.markdown:
-        update_markdown(a.markdown, read_results(a.results))
+        update_markdown(a.markdown, read_results(a.results), all_runs)
     if a.figures:
         for path in write_figures(read_results(a.results), a.figures, a.steps):
             print("wrote", path)

@@ -1,5 +1,8 @@
 """UperNet + ConvNeXt-B + CBP + OCCL on COCO-Stuff-10K, 80k iterations (43.6 -> 44.2 mIoU).
 
+Recipe as configs/ade20k_convnext_base.py (mmseg's AdamW + slide inference), which states
+its departure from the paper's SGD text.
+
 python train.py --config configs/cocostuff10k_convnext_base.py --workdir workdirs/coco_cnb
 """
 

@@ -1,5 +1,8 @@
 """UperNet + Swin-B + CBP + OCCL on COCO-Stuff-10K, 80k iterations (41.5 -> 42.6 mIoU).
 
+Backbone, window and checkpoint as configs/ade20k_swin_base.py, which states its departure
+from the paper's ImageNet-1K text.
+
 python train.py --config configs/cocostuff10k_swin_base.py --workdir workdirs/coco_swin_b
 """
 

@@ -4,12 +4,14 @@ Each experiment file in this folder is one row of the paper; it starts from
 ``base_config()``, applies a recipe and ends with ``apply_variants(config, arg)``.
 """
 
+from typing import Any
+
 import ml_collections
 
 from cbp_jax.losses import LossConfig
 from cbp_jax.models import ModelConfig
 
-VARIANTS = ("smoke", "baseline")
+VARIANTS = ("smoke", "baseline", "paper")
 
 
 # The ModelConfig / LossConfig fields an experiment config carries (with their defaults).
@@ -190,11 +192,15 @@ def fcn_recipe(c: ml_collections.ConfigDict, name: str) -> None:
     c.loss.update(centroid_weight=0.4, category_weight=0.1, aux_weight=0.4)
 
 
-def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Applies the comma-separated variants in ``arg``: ``smoke`` and/or ``baseline``.
+def apply_variants(
+    c: ml_collections.ConfigDict, arg: str | None, paper: dict[str, Any] | None = None
+) -> ml_collections.ConfigDict:
+    """Applies the comma-separated variants in ``arg``: ``smoke``, ``baseline``, ``paper``.
 
     ``baseline``: the learned 1x1 classifier and no OCCL (the paper's "reimpl." column).
     ``smoke``: tiny and CPU-fast, the same code path (a few steps on tiny crops).
+    ``paper``: the paper's choices where the config's defaults depart from them: ``paper``
+    maps dotted fields to the paper's values (a config that departs nowhere passes none).
     """
     for variant in [v for v in (arg or "").split(",") if v]:
         if variant == "baseline":
@@ -202,6 +208,15 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
             c.loss.occl = False
         elif variant == "smoke":
             smoke(c)
+        elif variant == "paper":
+            for key, value in (paper or {}).items():
+                *parents, leaf = key.split(".")
+                target = c
+                for part in parents:
+                    target = target[part]
+                if leaf not in target:
+                    raise ValueError(f"paper={{{key!r}: ...}}: the config has no field {key}.")
+                target[leaf] = value
         elif variant not in VARIANTS:
             raise ValueError(f"unknown config variant {variant!r}; known: {VARIANTS}")
     return c

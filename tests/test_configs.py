@@ -25,3 +25,18 @@ def test_paper_config_recipe(name, length, weights):
     assert (config.loss.centroid_weight, config.loss.category_weight) == weights
     assert config.loss.ce_average == "all"  # mmseg's avg_non_ignore=False
     assert config.eval.dtype == "float32"
+
+
+def test_paper_variant_selects_the_paper_s_choices_where_the_defaults_depart():
+    """`:paper` on CamVid: the paper's object-level views instead of random pixels, nothing
+    else moved; configs that do not depart are unchanged by it; a misspelt field fails."""
+    from configs import common
+
+    default, paper = load_config("camvid_mit_b0", None), load_config("camvid_mit_b0", "paper")
+    assert (default.loss.views, paper.loss.views) == ("random_pixels", "objects")
+    paper.loss.views = default.loss.views
+    assert paper.to_dict() == default.to_dict()
+    ade = load_config("ade20k_mit_b5", None)
+    assert load_config("ade20k_mit_b5", "paper").to_dict() == ade.to_dict()
+    with pytest.raises(ValueError, match="no field loss.viewz"):
+        common.apply_variants(ade, "paper", paper={"loss.viewz": "objects"})
