@@ -4,15 +4,19 @@ r"""Exports a trained model to run without this code.
         --to jax --out scenes.jaxexport                   # jax.export artifact (+ .json)
     python export.py --config configs/ade20k_mit_b0.py --workdir W --config.model.head=mlp \
         --to hf --out segformer_cbp/                      # transformers folder
+    python export.py --config configs/ade20k_swin_base.py --workdir W \
+        --to mmseg --out upernet_swin_cbp.pth             # mmsegmentation 1.x checkpoint
 
 ``--to jax`` writes the whole-image network at a fixed size (``--height``/``--width``,
 default ``config.data.crop_size``) for any batch, weights included, lowered for
 ``--platforms`` (default cpu and cuda); load it with only jax:
 ``jax.export.deserialize(bytearray(open(path, "rb").read())).call(images_uint8)`` ->
-logits (B, H, W, N). ``--to hf`` (a SegFormer trained with ``--config.model.head=mlp``)
-writes a ``SegformerForSemanticSegmentation`` folder, CBP prototypes as its classifier;
-``transformers.SegformerForSemanticSegmentation.from_pretrained(DIR)`` serves it in PyTorch.
-Both load the model as ``predict.py`` does (``--workdir`` / ``--step`` or ``--weights``).
+logits (B, H, W, N). ``--to hf`` (a SegFormer trained with ``--config.model.head=mlp``,
+UperNet-ConvNeXt or UperNet-Swin) writes a ``SegformerForSemanticSegmentation`` /
+``UperNetForSemanticSegmentation`` folder, CBP prototypes as its classifier, which
+``from_pretrained(DIR)`` serves in PyTorch. ``--to mmseg`` (every paper model) writes an
+mmsegmentation 1.x checkpoint and prints the mmseg model config that loads it. All load the
+model as ``predict.py`` does (``--workdir`` / ``--step`` or ``--weights``).
 """
 
 from cbp_jax import storage
@@ -37,7 +41,7 @@ flags.DEFINE_string("workdir", None, "The training workdir (default workdirs/<co
 flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 flags.DEFINE_string("weights", None, "Export these converted weights instead of a checkpoint.")
 flags.DEFINE_enum("to", "jax", list(export_lib.TARGETS), "Export target (see above).")
-flags.DEFINE_string("out", None, "Output file (--to jax) or folder (--to hf); required.")
+flags.DEFINE_string("out", None, "Output file (--to jax, mmseg) or folder (--to hf); required.")
 flags.DEFINE_integer("height", None, "Fixed input height where a target needs one (default: crop).")
 flags.DEFINE_integer("width", None, "Fixed input width where a target needs one (default: crop).")
 flags.DEFINE_list("platforms", ["cpu", "cuda"], "--to jax: platforms to lower for.")
@@ -50,7 +54,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     if not f.out:
-        raise SystemExit("error: pass --out (a file for --to jax, a folder for --to hf).")
+        raise SystemExit("error: pass --out (a file for --to jax / mmseg, a folder for --to hf).")
     config = f.config
     workdir = f.workdir or workdir_lib.default_workdir(f["config"].config_filename)
     target = export_lib.TARGETS[f.to]

@@ -182,3 +182,46 @@ def detect(keys: Sequence[str], family: str | None) -> tuple[Format, str]:
 HF_SEGFORMER_EXPORT = invert_rules(
     mit.HF_MIT_V4, src_prefix="segformer.", dst_prefix="encoder."
 ) + invert_rules(heads.HF_SEGFORMER_HEAD)
+
+
+def segmentor_family(name: str) -> str:
+    """The encoder family of segmentor ``name``: ``"mit"`` (``segformer_*``), ``"convnext"``
+    (``upernet_convnext_*``), ``"swin"`` (``upernet_swin_*``) or ``"resnet"`` (``fcn_*``)."""
+    if name.startswith("segformer_"):
+        return "mit"
+    if name.startswith("fcn_"):
+        return "resnet"
+    for family in ("convnext", "swin"):
+        if name.startswith(f"upernet_{family}_"):
+            return family
+    raise ValueError(
+        f"{name!r} is not a segmentor name (segformer_*, upernet_convnext_*, upernet_swin_*, "
+        "fcn_*); see cbp_jax.models.SEGMENTORS."
+    )
+
+
+def _export(encoder: list[Rule], head: list[Rule], **kwargs) -> list[Rule]:
+    return invert_rules(encoder, src_prefix="backbone.", dst_prefix="encoder.", **kwargs) + (
+        invert_rules(head)
+    )
+
+
+# UperNet (ConvNeXt / Swin backbone) -> ``UperNetForSemanticSegmentation`` (v4 names), by
+# encoder family; a CBP classifier's prototypes are written by ``cbp_jax.export``.
+HF_UPERNET_EXPORT = {
+    "convnext": _export(convnext.HF_CONVNEXT, heads.HF_UPERNET_HEADS),
+    "swin": _export(swin.HF_SWIN, heads.HF_UPERNET_HEADS),
+}
+# Each paper model -> its mmsegmentation 1.x checkpoint layout, by encoder family: mmseg MiT +
+# SegformerHead, mmpretrain ConvNeXt (its ``depthwise_conv`` / ``pointwise_conv`` names) +
+# UPerHead, mmseg Swin + UPerHead, ResNetV1c + FCNHead; each with the auxiliary FCNHead.
+MMSEG_EXPORT = {
+    "mit": _export(mit.MMSEG_MIT, heads.MMSEG_SEGFORMER_HEAD),
+    "convnext": _export(
+        convnext.FB_CONVNEXT,
+        heads.MMSEG_UPERNET_HEADS,
+        prefer=("depthwise_conv", "pointwise_conv1", "pointwise_conv2"),
+    ),
+    "swin": _export(swin.MMSEG_SWIN, heads.MMSEG_UPERNET_HEADS),
+    "resnet": _export(resnet.MMSEG_RESNET_V1C, heads.MMSEG_FCN_HEADS),
+}

@@ -24,10 +24,23 @@ NVLABS_SEGFORMER_HEAD = rules(
     batch_norm(r"decode_head\.linear_fuse\.bn", "head.bn"),
     linear_1x1(r"decode_head\.linear_pred", "classifier.linear"),
 )
+
+
+def _aux_fcn(bn: str = "bn", cls: str = "conv_seg") -> list:
+    """The auxiliary FCN head (mmseg ``FCNHead``, transformers ``UperNetFCNHead``)."""
+    cb = dict(bn_name=bn)
+    return [
+        *conv_bn(rf"auxiliary_head\.convs\.{B}", "aux_head.convs.{}", **cb),
+        *conv_bn(r"auxiliary_head\.conv_cat", "aux_head.conv_cat", **cb),
+        *linear_1x1(rf"auxiliary_head\.{cls}", "aux_classifier.linear"),
+    ]
+
+
 MMSEG_SEGFORMER_HEAD = rules(
     conv_bn(rf"decode_head\.convs\.{B}", "head.convs.{}"),
     conv_bn(r"decode_head\.fusion_conv", "head.fuse"),
     linear_1x1(r"decode_head\.conv_seg", "classifier.linear"),
+    _aux_fcn(),  # only with config.model.aux=True
 )
 
 
@@ -40,9 +53,7 @@ def _uper_rules(bn: str, cls: str) -> list[Rule]:
         conv_bn(rf"decode_head\.fpn_convs\.{B}", "head.fpn.{}", **cb),
         conv_bn(r"decode_head\.fpn_bottleneck", "head.fpn_bottleneck", **cb),
         linear_1x1(rf"decode_head\.{cls}", "classifier.linear"),
-        conv_bn(rf"auxiliary_head\.convs\.{B}", "aux_head.convs.{}", **cb),
-        conv_bn(r"auxiliary_head\.conv_cat", "aux_head.conv_cat", **cb),
-        linear_1x1(rf"auxiliary_head\.{cls}", "aux_classifier.linear"),
+        _aux_fcn(bn, cls),
     )
 
 
@@ -53,7 +64,5 @@ MMSEG_FCN_HEADS = rules(
     conv_bn(rf"decode_head\.convs\.{B}", "head.convs.{}"),
     conv_bn(r"decode_head\.conv_cat", "head.conv_cat"),
     linear_1x1(r"decode_head\.conv_seg", "classifier.linear"),
-    conv_bn(rf"auxiliary_head\.convs\.{B}", "aux_head.convs.{}"),
-    conv_bn(r"auxiliary_head\.conv_cat", "aux_head.conv_cat"),
-    linear_1x1(r"auxiliary_head\.conv_seg", "aux_classifier.linear"),
+    _aux_fcn(),
 )

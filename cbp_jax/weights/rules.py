@@ -11,7 +11,8 @@ module (``mit``, ``convnext``, ``swin``, ``resnet``, ``heads``).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from flax import nnx
@@ -59,13 +60,28 @@ def unfold_vector(v):
     return v.reshape(-1, 4).T[_UNFOLD_TO_OFFICIAL].reshape(-1)
 
 
-def split(n: int, i: int, fn: Callable) -> Callable:
-    """The ``i``-th of ``n`` equal parts along axis 0, then ``fn``."""
+def fold_linear(w):
+    """The inverse of :func:`unfold_linear`: (4C, out) in the official order -> mmseg's
+    (out, 4C) in ``nn.Unfold`` order."""
+    four_c, out = w.shape
+    w = w.T.reshape(out, 4, four_c // 4)[:, _UNFOLD_TO_OFFICIAL, :]
+    return w.transpose(0, 2, 1).reshape(out, four_c)
 
-    def part(w):
-        return fn(np.split(w, n, axis=0)[i])
 
-    return part
+def fold_vector(v):
+    """The inverse of :func:`unfold_vector`: (4C,) official order -> ``nn.Unfold`` order."""
+    return v.reshape(4, -1)[_UNFOLD_TO_OFFICIAL].T.reshape(-1)
+
+
+class split:  # noqa: N801 - reads as a function in the rule tables
+    """The ``i``-th of ``n`` equal parts along axis 0, then ``fn`` (a fused checkpoint
+    tensor, such as qkv, becoming several of ours)."""
+
+    def __init__(self, n: int, i: int, fn: Callable):
+        self.n, self.i, self.fn = n, i, fn
+
+    def __call__(self, w):
+        return self.fn(np.split(w, self.n, axis=0)[self.i])
 
 
 # ----------------------------------------------------------------------------- rule builders
@@ -79,15 +95,23 @@ def rules(*groups: Iterable[tuple[str, list]]) -> list[Rule]:
 class one_based:  # noqa: N801 - reads as a function in the rule tables
     """Destination whose first ``{}`` is the first regex group minus 1 (1-based sources)."""
 
+    offset = -1
+
     def __init__(self, template: str):
         self.template = template
 
     def __add__(self, suffix: str) -> one_based:
-        return one_based(self.template + suffix)
+        return type(self)(self.template + suffix)
 
     def __call__(self, m: re.Match) -> str:
         g = m.groups()
-        return self.template.format(int(g[0]) - 1, *g[1:])
+        return self.template.format(int(g[0]) + self.offset, *g[1:])
+
+
+class _to_one_based(one_based):  # noqa: N801
+    """The inverse of :class:`one_based`: the first ``{}`` is our 0-based index plus 1."""
+
+    offset = 1
 
 
 def _weight_bias(src, dst, kernel: str, kernel_fn: Callable) -> list:
@@ -177,58 +201,119 @@ _INVERSE: dict[Callable, Callable] = {
     linear_kernel: lambda w: w.T,  # (in, out) -> (out, in)
     conv_kernel: lambda w: w.transpose(3, 2, 0, 1),  # (kh, kw, I, O) -> (O, I, kh, kw)
     conv1x1_kernel: lambda w: w.T[:, :, None, None],  # (in, out) -> (out, in, 1, 1)
+    unfold_linear: fold_linear,
+    unfold_vector: fold_vector,
     same: same,
 }
 
 
-def _template(pattern: str) -> str:
-    """A forward rule's source regex as a format string: ``(\\d+)`` -> ``{}``, ``\\.`` -> ``.``,
-    an alternation ``(?:a|b)`` -> its first name ``a`` (the v4 names transformers writes)."""
-    t = re.sub(r"\(\?:([^|()]*)(?:\|[^()]*)?\)", r"\1", pattern)
-    t = t.replace(r"(\d+)", "{}").replace("\\.", ".")
+class _Piece(NamedTuple):
+    """Part ``index`` of ``count`` of a fused checkpoint tensor (concatenated on axis 0)."""
+
+    index: int
+    count: int
+    array: np.ndarray
+
+
+def _inverse(fn: Callable) -> Callable:
+    """Our array -> the checkpoint's, or a :class:`_Piece` of it for a :class:`split` part."""
+    if isinstance(fn, split):
+        inner = _inverse(fn.fn)
+        return lambda w: _Piece(fn.i, fn.n, inner(w))
+    if fn not in _INVERSE:
+        raise ValueError(f"the transform {getattr(fn, '__name__', fn)!r} has no inverse here.")
+    return _INVERSE[fn]
+
+
+def _template(pattern: str, prefer: Sequence[str] = ()) -> str:
+    """A forward rule's source regex as a format string: each capture group (``(\\d+)``,
+    ``(\\d)``, ``([1-9])``) -> ``{}``, ``\\.`` -> ``.``, an alternation ``(?:a|b)`` -> the
+    option named in ``prefer``, else its first (the v4 names transformers writes)."""
+
+    def choose(m: re.Match) -> str:
+        options = m.group(1).split("|")
+        return next((o for o in options if o in prefer), options[0])
+
+    t = re.sub(r"\(\?:([^()]*)\)", choose, pattern)
+    t = re.sub(r"\((?!\?)[^()]*\)", "{}", t).replace("\\.", ".")
     if re.search(r"[\\()\[\]|?*+^$]", t):
-        raise ValueError(f"the key rule {pattern!r} has no inverse here (only (\\d+) groups).")
+        raise ValueError(f"the key rule {pattern!r} has no inverse here (only plain groups).")
     return t
 
 
-def invert_rules(table: list[Rule], *, src_prefix: str = "", dst_prefix: str = "") -> list[Rule]:
+def invert_rules(
+    table: list[Rule],
+    *,
+    src_prefix: str = "",
+    dst_prefix: str = "",
+    prefer: Sequence[str] = (),
+) -> list[Rule]:
     """The inverse of a key map: our variable names -> checkpoint keys and layouts.
 
-    Each forward rule ``checkpoint regex -> [(our name template, transform)]`` becomes
-    ``our name regex -> [(checkpoint key template, inverse transform)]``; rules that write
-    nothing (``num_batches_tracked``) are left out.
+    Each forward rule ``checkpoint regex -> [(our name template, transform)]`` becomes, per
+    destination, ``our name regex -> [(checkpoint key template, inverse transform)]``; rules
+    that write nothing (``num_batches_tracked``) are left out. A rule that splits one
+    checkpoint tensor into several of ours (:class:`split`: mmseg's ``in_proj_weight``,
+    official Swin's ``qkv``) inverts to parts that :func:`export_state_dict` concatenates.
 
     Args:
       table: a forward table such as ``HF_MIT_V4``.
       src_prefix: prepended to the checkpoint keys (e.g. ``"segformer."``).
       dst_prefix: prepended to our names (e.g. ``"encoder."`` for a segmentor's encoder).
+      prefer: names to write where a rule accepts alternatives (``(?:dwconv|depthwise_conv)``:
+        ``("depthwise_conv",)`` writes mmpretrain's); default the first alternative.
     """
     out = []
     for pat, dsts in table:
-        if not dsts:
-            continue
-        if len(dsts) != 1 or callable(dsts[0][0]):
-            raise ValueError(f"the key rule {pat.pattern!r} has no one-to-one inverse.")
-        dst, fn = dsts[0]
-        ours = r"(\d+)".join(re.escape(part) for part in (dst_prefix + dst).split("{}"))
-        out.append((re.compile(ours), [(src_prefix + _template(pat.pattern), _INVERSE[fn])]))
+        src = src_prefix + _template(pat.pattern, prefer) if dsts else ""
+        for dst, fn in dsts:
+            shifted = isinstance(dst, one_based)
+            if callable(dst) and not shifted:
+                raise ValueError(f"the key rule {pat.pattern!r} has no inverse here.")
+            template = dst_prefix + (dst.template if shifted else dst)
+            ours = r"(\d+)".join(re.escape(part) for part in template.split("{}"))
+            key = _to_one_based(src) if shifted else src
+            out.append((re.compile(ours), [(key, _inverse(fn))]))
     return out
 
 
 def export_state_dict(module: nnx.Module, table: list[Rule]) -> dict[str, np.ndarray]:
     """``{checkpoint key: array}`` of every ``Param`` / ``BatchStat`` of ``module`` by the
-    inverse rules ``table``; a variable that no rule maps is an error listing them."""
-    out, unmapped = {}, []
+    inverse rules ``table`` (parts of a fused tensor concatenated in order); a variable that
+    no rule maps, or a fused tensor with a part missing, is an error listing them."""
+    out, unmapped, pieces = {}, [], {}
     for name, var in targets(module).items():
         mapped = match(table, name)
         if mapped is None:
             unmapped.append(name)
             continue
         for key, fn in mapped:
-            out[key] = np.ascontiguousarray(fn(np.asarray(var[...], np.float32)))
+            value = fn(np.asarray(var[...], np.float32))
+            if isinstance(value, _Piece):
+                pieces.setdefault(key, [None] * value.count)[value.index] = value.array
+            else:
+                out[key] = np.ascontiguousarray(value)
     if unmapped:
         raise ValueError(
             f"{len(unmapped)} variables have no key in the export layout (another "
             "architecture?): " + ", ".join(unmapped[:12]) + (" ..." if len(unmapped) > 12 else "")
         )
+    partial = sorted(key for key, parts in pieces.items() if any(p is None for p in parts))
+    if partial:
+        raise ValueError(
+            f"{len(partial)} fused tensors lack some of their parts (q, k or v?): "
+            + ", ".join(partial[:12])
+        )
+    out |= {key: np.ascontiguousarray(np.concatenate(parts)) for key, parts in pieces.items()}
     return out
+
+
+def with_batch_norm_counters(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``sd`` plus ``num_batches_tracked`` (int64 0) beside every ``running_mean``: PyTorch's
+    BatchNorm state has the counter, nothing here counts batches, and eval never reads it."""
+    counters = {
+        key.removesuffix("running_mean") + "num_batches_tracked": np.zeros((), np.int64)
+        for key in sd
+        if key.endswith(".running_mean")
+    }
+    return sd | counters
