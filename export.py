@@ -6,6 +6,8 @@ r"""Exports a trained model to run without this code.
         --to hf --out segformer_cbp/                      # transformers folder
     python export.py --config configs/ade20k_swin_base.py --workdir W \
         --to mmseg --out upernet_swin_cbp.pth             # mmsegmentation 1.x checkpoint
+    python export.py --config configs/ade20k_mit_b0.py --workdir W \
+        --to onnx --out segformer.onnx [--fp16]           # ONNX file (+ .json)
 
 ``--to jax`` writes the whole-image network at a fixed size (``--height``/``--width``,
 default ``config.data.crop_size``) for any batch, weights included, lowered for
@@ -15,7 +17,9 @@ logits (B, H, W, N). ``--to hf`` (a SegFormer trained with ``--config.model.head
 UperNet-ConvNeXt or UperNet-Swin) writes a ``SegformerForSemanticSegmentation`` /
 ``UperNetForSemanticSegmentation`` folder, CBP prototypes as its classifier, which
 ``from_pretrained(DIR)`` serves in PyTorch. ``--to mmseg`` (every paper model) writes an
-mmsegmentation 1.x checkpoint and prints the mmseg model config that loads it. All load the
+mmsegmentation 1.x checkpoint and prints the mmseg model config that loads it. ``--to onnx``
+writes the ``--to jax`` network (fixed H, W; any batch) as an ONNX file that onnxruntime
+runs (``--fp16``: float16 weights and compute, float32 output). All load the
 model as ``predict.py`` does (``--workdir`` / ``--step`` or ``--weights``).
 """
 
@@ -41,10 +45,11 @@ flags.DEFINE_string("workdir", None, "The training workdir (default workdirs/<co
 flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 flags.DEFINE_string("weights", None, "Export these converted weights instead of a checkpoint.")
 flags.DEFINE_enum("to", "jax", list(export_lib.TARGETS), "Export target (see above).")
-flags.DEFINE_string("out", None, "Output file (--to jax, mmseg) or folder (--to hf); required.")
+flags.DEFINE_string("out", None, "Output file (--to jax, mmseg, onnx), folder (--to hf); required.")
 flags.DEFINE_integer("height", None, "Fixed input height where a target needs one (default: crop).")
 flags.DEFINE_integer("width", None, "Fixed input width where a target needs one (default: crop).")
 flags.DEFINE_list("platforms", ["cpu", "cuda"], "--to jax: platforms to lower for.")
+flags.DEFINE_bool("fp16", False, "--to onnx: float16 weights and compute (float32 output).")
 
 
 def main(argv):
@@ -55,6 +60,8 @@ def main(argv):
     f = flags.FLAGS
     if not f.out:
         raise SystemExit("error: pass --out (a file for --to jax / mmseg, a folder for --to hf).")
+    if f.fp16 and f.to != "onnx":
+        raise SystemExit(f"error: --fp16 is for --to onnx (got --to {f.to}); drop --fp16.")
     config = f.config
     workdir = f.workdir or workdir_lib.default_workdir(f["config"].config_filename)
     target = export_lib.TARGETS[f.to]
@@ -70,7 +77,7 @@ def main(argv):
         size = (f.height, f.width) if f.height or f.width else None
         if size is not None and None in size:
             raise ValueError("pass both --height and --width, or neither (the crop size).")
-        request = export_lib.Request(f.out, size_hw=size, platforms=f.platforms)
+        request = export_lib.Request(f.out, size_hw=size, platforms=f.platforms, fp16=f.fp16)
         for line in target.run(segmenter, request):
             print(line)
     except (

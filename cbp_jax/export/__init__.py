@@ -10,13 +10,15 @@ result in its runtime where it can, and returns what ``export.py`` prints):
   ``UperNetForSemanticSegmentation`` with a ConvNeXt or Swin backbone).
 - ``mmseg`` (``to_mmseg``): an mmsegmentation 1.x checkpoint (``.pth``) of any paper model,
   and the mmseg model config that loads it.
+- ``onnx`` (``to_onnx``): an ONNX file of the ``jax`` target's network (B dynamic), checked
+  in onnxruntime; float16 with ``Request.fp16``.
 
 ``TARGETS`` maps each name to its module; ``export.py --to NAME`` dispatches through it.
 """
 
 from __future__ import annotations
 
-from cbp_jax.export import to_hf, to_jax, to_mmseg
+from cbp_jax.export import to_hf, to_jax, to_mmseg, to_onnx
 from cbp_jax.export.common import MissingDependencyError, Request
 from cbp_jax.export.to_hf import (
     check_hf_exportable,
@@ -28,7 +30,7 @@ from cbp_jax.export.to_hf import (
 from cbp_jax.export.to_jax import export_jax, serving_fn
 from cbp_jax.export.to_mmseg import export_mmseg, mmseg_config, mmseg_state_dict
 
-TARGETS = {"jax": to_jax, "hf": to_hf, "mmseg": to_mmseg}
+TARGETS = {"jax": to_jax, "hf": to_hf, "mmseg": to_mmseg, "onnx": to_onnx}
 
 __all__ = [
     "TARGETS",

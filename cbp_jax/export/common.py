@@ -18,8 +18,10 @@ class Request:
       out: the file or folder to write (local or ``gs://``).
       size_hw: fixed input (H, W) for targets that need one (None: ``config.data.crop_size``).
       platforms: ``--to jax``'s lowering platforms (None: the current backend's).
+      fp16: ``--to onnx``: float16 weights and compute, float32 output.
     """
 
     out: str
     size_hw: tuple[int, int] | None = None
     platforms: Sequence[str] | None = None
+    fp16: bool = False
