@@ -40,8 +40,19 @@ def _one_of(*choices) -> Callable[[Any], bool]:
     return lambda x: x in choices
 
 
+def _remat_setting(x) -> bool:
+    from cbp_jax.models.layers import REMAT_POLICIES  # jax: imported only when checking
+
+    return isinstance(x, bool) or x == "" or x in REMAT_POLICIES
+
+
+# Fields whose valid values include True / False (elsewhere a bool is never a number).
+_BOOL_FIELDS = ("model.remat", "model.scan_blocks")
+
+
 # (field, predicate, what a valid value is). Only fields a run reads before its first step
-# are here; model fields are checked by cbp_jax.models.create.
+# are here; model fields are checked by cbp_jax.models.create (remat and scan_blocks also
+# here, before a model is built).
 RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("total_steps", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
     ("batch_size", lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
@@ -95,6 +106,14 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         "a non-empty tuple of scales > 0, e.g. (1.0,) or (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)",
     ),
     ("eval.dtype", _one_of("", "float32", "bfloat16", "float16"), "'float32' or '' (model.dtype)"),
+    (
+        "model.remat",
+        _remat_setting,
+        "False or '' (off), True (recompute each block, = 'nothing_saveable') or a "
+        "jax.checkpoint policy: 'nothing_saveable', 'dots_saveable' or "
+        "'dots_with_no_batch_dims_saveable'",
+    ),
+    ("model.scan_blocks", lambda x: isinstance(x, bool), "True or False"),
 )
 
 
@@ -113,7 +132,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
             value = _get(config, name)
         except (KeyError, AttributeError):
             continue  # a config without this field does not use it
-        if isinstance(value, bool) or not valid(value):
+        if (isinstance(value, bool) and name not in _BOOL_FIELDS) or not valid(value):
             out.append(f"config.{name}={value!r}: must be {expected}; fix --config.{name}=...")
     opt = config.get("optimizer")
     if opt is not None and _positive(opt.get("lr")) and _non_negative(opt.get("min_lr")):

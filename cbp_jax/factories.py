@@ -33,6 +33,7 @@ from cbp_jax import (
 from cbp_jax import data as data_lib
 from cbp_jax import workdir as workdir_lib
 from cbp_jax.data.sources import missing_root_message
+from cbp_jax.models import stacking
 
 ModelState = dict[str, Any]  # {"params": nnx.State, "model_state": nnx.State}
 
@@ -117,9 +118,10 @@ def model_summary(config: ml_collections.ConfigDict, abstract: ModelState) -> di
     Args:
       abstract: ``{"params", "model_state"}`` of the model (shape structs suffice).
     """
-    graphdef = train_lib.split_model(nnx.eval_shape(lambda: model_from_config(config)))[0]
+    # Counted on the unrolled form: XLA's cost analysis counts a scanned body once.
+    unrolled = nnx.eval_shape(lambda: model_from_config(with_scan_blocks(config, False)))
     size = tuple(config.data.crop_size)
-    flops = model_stats.forward_flops(graphdef, abstract["params"], abstract["model_state"], size)
+    flops = model_stats.forward_flops(*train_lib.split_model(unrolled), size)
     return {
         "name": config.model.name,
         "classifier": config.model.classifier,
@@ -293,6 +295,28 @@ def load_weights(
     return loaded, report
 
 
+def with_scan_blocks(config: ml_collections.ConfigDict, scan: bool) -> ml_collections.ConfigDict:
+    """``config`` building the same model with ``model.scan_blocks=scan`` (a copy when it
+    differs)."""
+    if bool(config.model.get("scan_blocks", models.ModelConfig.scan_blocks)) == scan:
+        return config
+    twin = ml_collections.ConfigDict(config.to_dict())
+    twin.model.scan_blocks = scan
+    return twin
+
+
+def _abstract_model_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """``(model, {"params", "model_state"} as shape structs with their shardings)``."""
+    model = nnx.eval_shape(lambda: model_from_config(config))
+    _, params, model_state = train_lib.split_model(model)
+    target = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        {"params": params, "model_state": model_state},
+        model_shardings(config, mesh),
+    )
+    return model, target
+
+
 def restore(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -302,25 +326,30 @@ def restore(
     """``(step, {"params", "model_state"})`` of the workdir's checkpoint ``step`` (default
     the latest), placed on ``mesh`` (default: the first device) as training lays it out.
 
-    Only the model is read, not the optimizer state. Raises ``FileNotFoundError`` (no such
-    workdir, checkpoint or step; the message lists them) or ``workdir.ConfigMismatchError``
-    (``config`` builds another model than the workdir's) before anything is compiled.
+    Only the model is read, not the optimizer state. A checkpoint written with the other
+    ``model.scan_blocks`` (the workdir's ``config.json`` says which) is converted to this
+    config's layout on the way (``models.stacking``: exact, values are only split and
+    stacked). Raises ``FileNotFoundError`` (no such workdir, checkpoint or step; the message
+    lists them) or ``workdir.ConfigMismatchError`` (``config`` builds another model than the
+    workdir's) before anything is compiled.
     """
     workdir_lib.check_evaluable(workdir, config, step)
     step = max(workdir_lib.checkpoint_steps(workdir)) if step is None else step
     mesh = mesh or single_device_mesh()
-    shardings = model_shardings(config, mesh)
-    _, params, model_state = train_lib.split_model(
-        nnx.eval_shape(lambda: model_from_config(config))
-    )
-    target = jax.tree.map(
-        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-        {"params": params, "model_state": model_state},
-        shardings,
-    )
+    saved = workdir_lib.read_saved_config(workdir) or {}
+    saved_scan = saved.get("model", {}).get("scan_blocks", False)
+    source_config = with_scan_blocks(config, bool(saved_scan))
+    source_model, source = _abstract_model_state(source_config, mesh)
     directory = os.path.join(workdir, checkpointing.CHECKPOINTS_NAME)
     logging.info("restoring the model of step %d from %s", step, directory)
-    return step, checkpointing.restore_subset(directory, step, target)
+    state = checkpointing.restore_subset(directory, step, source)
+    if source_config is config:
+        return step, state
+    model, target = _abstract_model_state(config, mesh)
+    logging.info("converting it to model.scan_blocks=%s", not saved_scan)
+    stacks = stacking.module_plan(source_model), stacking.module_plan(model)
+    converted = {part: stacking.convert_tree(state[part], *stacks, target[part]) for part in state}
+    return step, jax.device_put(converted, model_shardings(config, mesh))
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -25,6 +25,9 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # the batch dimension is split over every mesh axis
+# The path component of a scanned block stack's variables (``models.layers.STACKED``), whose
+# leading axis has one entry per block.
+STACKED = "stacked"
 
 
 def detected_cluster() -> tuple[str | None, int | None]:
@@ -277,8 +280,9 @@ def partition_specs(tree, rules: Sequence[tuple[str, str]], mesh: Mesh):
             if pattern.search(name):
                 if rule == "replicate":
                     return P()
-                if rule == "fsdp":
-                    return fsdp_spec(shape, fsdp_size)
+                if rule == "fsdp":  # a stacked block axis stays whole: split within blocks
+                    lead = 1 if STACKED in name.split("/") else 0
+                    return P(*[None] * lead, *fsdp_spec(shape[lead:], fsdp_size))
                 axes = [None if a.strip() in ("None", "") else a.strip() for a in rule.split(",")]
                 if len(axes) != len(shape):
                     raise ValueError(

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from cbp_jax import classifier, losses
-from cbp_jax.sharding import path_name
+from cbp_jax.sharding import STACKED, path_name
 
 State = dict[str, Any]
 
@@ -97,9 +97,8 @@ def param_groups(model: nnx.Module, params, cfg: ml_collections.ConfigDict):
         in_norm = any(parts[: len(p)] == tuple(map(str, p)) for p in norm_paths)
         mmseg_norm = in_norm and not is_head and not UNNAMED_NORMS.match("/".join(parts))
         named = any(name in parts for name in cfg.get("no_decay_names", ()))
-        decay = not (cfg.no_decay_norm and mmseg_norm) and not (
-            cfg.no_decay_1d and np.ndim(leaf) <= 1
-        )
+        block_ndim = np.ndim(leaf) - (STACKED in parts)  # a stacked block's own ndim
+        decay = not (cfg.no_decay_norm and mmseg_norm) and not (cfg.no_decay_1d and block_ndim <= 1)
         decay = decay and not named
         return float(lr_mult), bool(decay)
 

@@ -52,9 +52,13 @@ RESUMABLE_FIELDS = (
     "optimizer.lr",
     "optimizer.clip_norm",
     "workdir_lease_timeout",
+    "model.remat",
 )
 # Fields that decide what a checkpoint holds: evaluation needs them to match.
 CHECKPOINT_SHAPE_FIELDS = ("model", "data.dataset", "data.num_classes", "optimizer.name")
+# Model fields that change how the model computes, not the weights it holds: evaluation
+# restores across them (``factories.restore`` converts the block layout of scan_blocks).
+LAYOUT_FIELDS = ("model.scan_blocks", "model.remat")
 
 
 class WorkdirBusyError(RuntimeError):
@@ -225,6 +229,8 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
     saved = read_saved_config(workdir)
     if saved is None or not has_checkpoint(workdir):
         return
+    # Runs from before the field trained unrolled, whatever today's default.
+    saved.setdefault("model", {}).setdefault("scan_blocks", False)
     changed = {
         k: v
         for k, v in config_differences(saved, config_as_dict(config)).items()
@@ -241,11 +247,18 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
         )
         changed = {k: v for k, v in changed.items() if k not in added}
     if changed:
+        layout = ""
+        if "model.scan_blocks" in changed:  # the optimizer state is not converted
+            layout = (
+                f" A run resumes in the block layout it was trained with "
+                f"(--config.model.scan_blocks={changed['model.scan_blocks'][0]}); evaluation, "
+                "prediction and export convert its checkpoints to either layout."
+            )
         raise ConfigMismatchError(
             f"{workdir} holds a run of another config; resuming it with this one would change "
             f"{_format_changes(changed)}. Rerun with the workdir's values (its {CONFIG_NAME}), "
             "or pass a new --workdir to start a separate run. Fields allowed to change on "
-            f"resume: {', '.join(RESUMABLE_FIELDS)}."
+            f"resume: {', '.join(RESUMABLE_FIELDS)}.{layout}"
         )
 
 
@@ -258,7 +271,7 @@ def check_eval_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     changed = {
         k: v
         for k, v in config_differences(saved, config_as_dict(config)).items()
-        if _under(k, CHECKPOINT_SHAPE_FIELDS)
+        if _under(k, CHECKPOINT_SHAPE_FIELDS) and not _under(k, LAYOUT_FIELDS)
     }
     if changed:
         raise ConfigMismatchError(

@@ -54,7 +54,17 @@ def base_config() -> ml_collections.ConfigDict:
         c.model[name] = getattr(ModelConfig, name)
     c.model.drop_path_rate = 0.1
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
-    c.model.remat = False  # recompute encoder block activations in the backward (GPU/TPU)
+    # remat: recompute encoder block activations in the backward pass (saves memory on
+    # GPU/TPU; XLA:CPU merges the recomputation back): False / "" off, True the whole block
+    # ("nothing_saveable"), or a jax.checkpoint policy naming what each block keeps:
+    # "dots_saveable", "dots_with_no_batch_dims_saveable" (cbp_jax.models.layers).
+    # (Any type: --config.model.remat takes True, False and the policy names alike.)
+    c.model.remat = ml_collections.FieldReference(False, field_type=object)
+    # scan_blocks: each stage's repeated encoder blocks stacked (a leading block axis on their
+    # parameters) and applied by one jax.lax.scan, so the step compiles one body per stage
+    # instead of every block; remat applies to that body. The same weights either way:
+    # importers, exports and eval/predict restores convert between the layouts.
+    c.model.scan_blocks = ModelConfig.scan_blocks
 
     # data (cbp_jax.data)
     c.data = ml_collections.ConfigDict()

@@ -48,11 +48,12 @@ __all__ = [
 ]
 
 # family: (encoder class, config class, variants, constructor keywords besides the config)
+_BLOCK_KWARGS = ("dtype", "remat", "scan_blocks")
 _FAMILIES = {
-    "mit": (MixTransformer, MiTConfig, MIT_VARIANTS, ("dtype", "dwconv_impl", "remat")),
-    "convnext": (ConvNeXt, ConvNeXtConfig, CONVNEXT_VARIANTS, ("dtype", "dwconv_impl", "remat")),
-    "swin": (SwinTransformer, SwinConfig, SWIN_VARIANTS, ("dtype", "remat")),
-    "resnet": (ResNetV1c, ResNetConfig, RESNET_VARIANTS, ("dtype", "remat")),
+    "mit": (MixTransformer, MiTConfig, MIT_VARIANTS, (*_BLOCK_KWARGS, "dwconv_impl")),
+    "convnext": (ConvNeXt, ConvNeXtConfig, CONVNEXT_VARIANTS, (*_BLOCK_KWARGS, "dwconv_impl")),
+    "swin": (SwinTransformer, SwinConfig, SWIN_VARIANTS, _BLOCK_KWARGS),
+    "resnet": (ResNetV1c, ResNetConfig, RESNET_VARIANTS, _BLOCK_KWARGS),
 }
 ENCODERS = tuple(name for family in _FAMILIES.values() for name in family[2])
 SEGMENTORS = (
@@ -78,7 +79,9 @@ def create_encoder(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> Encoder:
         ``swin_tiny|small|base|large`` or ``resnet50_v1c`` / ``resnet101_v1c``.
       rngs: parameter init and the 'dropout' stream (stochastic depth).
       **overrides: ``dtype`` (compute dtype), ``dwconv_impl`` ('auto' | 'xla' | 'shifted';
-        MiT and ConvNeXt), ``remat`` (recompute block activations in the backward pass),
+        MiT and ConvNeXt), ``remat`` (recompute block activations in the backward pass:
+        True or a ``jax.checkpoint`` policy name, ``layers.REMAT_POLICIES``), ``scan_blocks``
+        (stacked blocks applied by ``jax.lax.scan``; default ``ModelConfig.scan_blocks``),
         or any field of :class:`MiTConfig` / :class:`ConvNeXtConfig` /
         :class:`SwinConfig` / :class:`ResNetConfig` (e.g. ``drop_path_rate``, ``depths``,
         ``window_size``, ``dilations``).
@@ -97,6 +100,9 @@ def create_encoder(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> Encoder:
             cfg_over[k] = tuple(v)
     config = cfg_cls(**{**variants[name], **cfg_over})
     kwargs = {k: overrides[k] for k in kwarg_names if k in overrides}
+    kwargs.setdefault("scan_blocks", ModelConfig.scan_blocks)
+    if not isinstance(kwargs["scan_blocks"], bool):
+        raise ValueError(f"scan_blocks={kwargs['scan_blocks']!r}; pass True or False.")
     return cls(config, rngs=rngs, **kwargs)
 
 
@@ -128,7 +134,9 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
     family, variant = name.split("_", 1)  # "segformer" | "upernet" | "fcn", e.g. "b0"
     kind = cfg.head_kind(name)
     width = cfg.resolved_head_width(name)
-    encoder = create_encoder(_ENCODER_OF[family](variant), rngs=rngs, **encoder_overrides)
+    encoder = create_encoder(
+        _ENCODER_OF[family](variant), rngs=rngs, scan_blocks=cfg.scan_blocks, **encoder_overrides
+    )
     dtype = encoder_overrides.get("dtype")
     head = _HEADS[kind](encoder.dims, width, cfg.dropout, dtype, rngs)
     aux_head = aux_classifier = None

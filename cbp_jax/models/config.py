@@ -48,6 +48,10 @@ class ModelConfig:
       dropout: dropout rate before the classifier (and the auxiliary classifier).
       aux: the auxiliary FCN head on stage 3; None: on for UperNet and FCN.
       aux_width, aux_num_convs, aux_concat_input: that head's shape (mmseg's defaults).
+      scan_blocks: the encoder's repeated blocks stacked and applied by ``jax.lax.scan``
+        (one compiled body per stage; ``cbp_jax.models.stacking``); False: unrolled. The
+        weights are the same either way (importers, exports and ``factories.restore``
+        convert between the layouts).
     """
 
     classifier: str = "cbp"
@@ -65,6 +69,7 @@ class ModelConfig:
     aux_width: int = 256
     aux_num_convs: int = 1
     aux_concat_input: bool = False
+    scan_blocks: bool = False
 
     @classmethod
     def field_names(cls) -> frozenset[str]:

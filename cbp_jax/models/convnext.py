@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbp_jax.models import kernels, layers
+from cbp_jax.models import kernels, layers, stacking
 from cbp_jax.models.layers import Dtype
 
 
@@ -41,7 +41,7 @@ CONVNEXT_VARIANTS = {
 class ConvNeXtBlock(nnx.Module):
     """Depthwise conv, LayerNorm, MLP with exact GELU, layer scale ``gamma``, residual."""
 
-    def __init__(self, dim, dpr, cfg, dwconv_impl, dtype, rngs):
+    def __init__(self, dim, dpr, cfg, dwconv_impl, dtype, rngs, scanned=False):
         self.dwconv = layers.DepthwiseConv(
             dim, cfg.kernel_size, impl=dwconv_impl, dtype=dtype, rngs=rngs
         )
@@ -49,23 +49,29 @@ class ConvNeXtBlock(nnx.Module):
         self.fc1 = layers.linear(dim, 4 * dim, dtype, rngs)
         self.fc2 = layers.linear(4 * dim, dim, dtype, rngs)
         self.gamma = nnx.Param(jnp.full((dim,), cfg.layer_scale_init, jnp.float32))
-        self.drop_path = layers.DropPath(dpr, rngs=rngs)
+        self.drop_path = layers.DropPath(dpr, per_call=scanned, rngs=rngs)
 
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, drop_rate=None):
         y = self.fc2(kernels.gelu(self.fc1(self.norm(self.dwconv(x)))))
         y = y * self.gamma[...].astype(y.dtype)
-        return x + self.drop_path(y, train=train)
+        return x + self.drop_path(y, train=train, rate=drop_rate)
 
 
 class ConvNeXtStage(nnx.Module):
-    """Optional downsampling (LayerNorm + conv 2x2 stride 2), then blocks."""
+    """Optional downsampling (LayerNorm + conv 2x2 stride 2), then blocks (a
+    ``layers.BlockStack`` with ``scan``)."""
 
-    def __init__(self, din, dim, downsample, dprs, cfg, dwconv_impl, dtype, rngs):
+    def __init__(self, din, dim, downsample, dprs, cfg, dwconv_impl, dtype, rngs, scan=False):
         self.downsample = downsample
         if downsample:
             self.down_norm = layers.layer_norm(din, cfg.norm_eps, dtype, rngs)
             self.down_conv = layers.Conv(din, dim, 2, stride=2, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([ConvNeXtBlock(dim, r, cfg, dwconv_impl, dtype, rngs) for r in dprs])
+        scan = scan and stacking.stage_stack("convnext", len(dprs)) is not None
+        blocks = [
+            ConvNeXtBlock(dim, r, cfg, dwconv_impl, dtype, rngs, scanned=scan and any(dprs))
+            for r in dprs
+        ]
+        self.blocks = layers.BlockStack(blocks, dprs) if scan else nnx.List(blocks)
         self.remat = False
 
     def __call__(self, x, *, train: bool):
@@ -82,10 +88,15 @@ class ConvNeXt(nnx.Module):
       dtype: compute dtype (parameters stay float32); None keeps float32.
       dwconv_impl: 'auto' (shifted slices on CPU, XLA grouped conv elsewhere), 'xla',
         'shifted'.
-      remat: recompute each block's activations in the backward pass (less memory on
-        GPU/TPU; XLA:CPU merges the recomputation back).
+      remat: recompute block activations in the backward pass (less memory on GPU/TPU;
+        XLA:CPU merges the recomputation back): True, or a ``jax.checkpoint`` policy name
+        of ``layers.REMAT_POLICIES`` (what each block keeps).
+      scan_blocks: each stage's blocks as one ``layers.BlockStack`` (parameters stacked,
+        applied by ``jax.lax.scan``; ``cbp_jax.models.stacking`` converts the layouts).
       rngs: parameter init and the 'dropout' stream for stochastic depth.
     """
+
+    FAMILY = "convnext"
 
     def __init__(
         self,
@@ -93,37 +104,38 @@ class ConvNeXt(nnx.Module):
         *,
         dtype: Dtype = None,
         dwconv_impl: str = "auto",
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_blocks: bool = False,
         rngs: nnx.Rngs,
     ):
+        layers.remat_policy(remat)  # a ValueError naming the valid values
         if len(config.dims) != len(config.depths):
             raise ValueError(
                 f"ConvNeXtConfig dims={config.dims} and depths={config.depths} differ in length."
             )
         self.config = config
         self.dims = tuple(config.dims)
+        self.scan_blocks = bool(scan_blocks)
         self.stem_conv = layers.Conv(
             config.in_channels, config.dims[0], 4, stride=4, dtype=dtype, rngs=rngs
         )
         self.stem_norm = layers.layer_norm(config.dims[0], config.norm_eps, dtype, rngs)
-        total = sum(config.depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages, start = [], 0
-        for i, depth in enumerate(config.depths):
+        stages = []
+        for i, dprs in enumerate(layers.drop_path_rates(config.drop_path_rate, config.depths)):
             din = config.dims[max(i - 1, 0)]
             stages.append(
                 ConvNeXtStage(
                     din,
                     config.dims[i],
                     i > 0,
-                    rates[start : start + depth],
+                    dprs,
                     config,
                     dwconv_impl,
                     dtype,
                     rngs,
+                    scan_blocks,
                 )
             )
-            start += depth
         for stage in stages:
             stage.remat = remat
         self.stages = nnx.List(stages)

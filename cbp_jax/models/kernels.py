@@ -221,9 +221,12 @@ layer_norm_last.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Stochastic depth: zero whole samples of (B, ...) with probability ``rate``, rescale."""
+    """Stochastic depth: zero whole samples of (B, ...) with probability ``rate`` (a float,
+    or a float32 scalar array: a scanned block's), rescale; the output has ``x``'s dtype."""
     keep = 1.0 - rate
     mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    if not isinstance(keep, float):  # an array would promote a bfloat16 x to float32
+        keep = keep.astype(x.dtype)
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 

@@ -7,11 +7,13 @@ matching ``flax.nnx`` modules' are, so checkpoints and weight maps see familiar 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cbp_jax import sharding
 from cbp_jax.models import kernels
 
 Dtype = jnp.dtype | type | None
@@ -20,18 +22,131 @@ trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02)
 conv_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def run_blocks(blocks, x: jax.Array, *, train: bool, remat: bool) -> jax.Array:
-    """Applies ``blocks`` in order. With ``remat`` each block keeps only its input for the
-    backward pass and recomputes the rest in it (``nnx.remat``)."""
+# Named ``jax.checkpoint`` policies ``remat`` may name (``jax.checkpoint_policies.<name>``).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# The attribute of a :class:`BlockStack` holding the stacked blocks ("stacked"): a parameter
+# path with this component has a leading axis of one entry per block (or group of blocks),
+# which the partition rules and the optimizer's 1-D test know (``sharding.STACKED``).
+STACKED = sharding.STACKED
+
+
+def remat_policy(remat: bool | str | None) -> tuple[bool, Callable | None]:
+    """``(enabled, jax.checkpoint policy)`` of a ``remat`` setting: False / "" / None off;
+    True the whole block recomputed (policy None, i.e. ``nothing_saveable``); a name of
+    :data:`REMAT_POLICIES` that ``jax.checkpoint_policies`` policy."""
+    if remat is None or remat is False or remat == "":
+        return False, None
+    if remat is True:
+        return True, None
+    if isinstance(remat, str) and remat in REMAT_POLICIES:
+        return True, getattr(jax.checkpoint_policies, remat)
+    raise ValueError(
+        f"remat={remat!r}: use False or '' (off), True (recompute each block, as "
+        f"'nothing_saveable') or a jax.checkpoint policy name: {', '.join(REMAT_POLICIES)}."
+    )
+
+
+def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Stochastic-depth rates spread linearly from 0 to ``rate`` over all blocks, per stage."""
+    total = sum(depths)
+    rates = [rate * i / max(total - 1, 1) for i in range(total)]
+    starts = [sum(depths[:s]) for s in range(len(depths))]
+    return [rates[start : start + depth] for start, depth in zip(starts, depths, strict=True)]
+
+
+def run_blocks(blocks, x: jax.Array, *, train: bool, remat: bool | str) -> jax.Array:
+    """Applies ``blocks`` (a :class:`BlockStack`, or a sequence of blocks and stacks) in order.
+
+    With ``remat`` (see :func:`remat_policy`) each block keeps only what the policy saves for
+    the backward pass and recomputes the rest in it (``nnx.remat``); a stack applies the
+    policy to its scanned body.
+    """
+    if isinstance(blocks, BlockStack):
+        return blocks(x, train=train, remat=remat)
+    enabled, policy = remat_policy(remat)
     for block in blocks:
-        if remat:
-            x = nnx.remat(lambda b, y: b(y, train=train))(block, x)
+        if isinstance(block, BlockStack):
+            x = block(x, train=train, remat=remat)
+        elif enabled:
+            x = nnx.remat(lambda b, y: b(y, train=train), policy=policy)(block, x)
         else:
             x = block(x, train=train)
     return x
 
 
+def stack_modules(units: Sequence[nnx.Module]) -> nnx.Module:
+    """One module of ``units``' structure whose every variable is the ``units``' stacked
+    along a new leading axis; the units must be identical modules (same graph)."""
+    graphdef, state = nnx.split(units[0])
+    states = [state]
+    for i, unit in enumerate(units[1:], 1):
+        other, unit_state = nnx.split(unit)
+        if other != graphdef:
+            raise ValueError(
+                f"stack_modules: unit {i} ({type(unit).__name__}) is not the same module as "
+                "unit 0 (a static attribute differs, e.g. a drop-path rate or a window "
+                "shift); only identical blocks stack."
+            )
+        states.append(unit_state)
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
 # ----------------------------------------------------------------------------- modules
+
+
+class BlockStack(nnx.Module):
+    """Identical blocks applied in order by one ``jax.lax.scan``.
+
+    The blocks' variables are stacked along a leading axis (:func:`stack_modules`, so the
+    stack starts from the values of the blocks it is given); with ``group`` > 1 each scan
+    step applies ``group`` consecutive blocks (Swin's window + shifted-window pair), stacked
+    as an ``nnx.List``. The drop-path rate of each block is scanned data: blocks built for a
+    stack take it with each call (``DropPath(rate, per_call=True)``).
+
+    Args:
+      blocks: the blocks, in order; ``len(blocks)`` a multiple of ``group``.
+      rates: each block's drop-path rate.
+      group: blocks per scan step.
+    """
+
+    def __init__(self, blocks: Sequence[nnx.Module], rates: Sequence[float], *, group: int = 1):
+        if len(blocks) != len(rates) or not blocks or len(blocks) % group:
+            raise ValueError(
+                f"BlockStack: {len(blocks)} blocks, {len(rates)} rates, group={group}; give "
+                "one rate per block and a positive multiple of group blocks."
+            )
+        units = (
+            list(blocks)
+            if group == 1
+            else [nnx.List(blocks[i : i + group]) for i in range(0, len(blocks), group)]
+        )
+        self.stacked = stack_modules(units)  # the STACKED attribute
+        self.group = group
+        self.rates = tuple(float(r) for r in rates) if any(r > 0 for r in rates) else None
+
+    def __call__(self, x: jax.Array, *, train: bool, remat: bool | str = False) -> jax.Array:
+        """(B, H, W, C) -> (B, H, W, C): every block in order, ``remat`` on the scanned body."""
+        graphdef, params, rest = nnx.split(self.stacked, nnx.Param, ...)
+        rates = None
+        if self.rates is not None:
+            rates = jnp.asarray(self.rates, jnp.float32).reshape(-1, self.group)
+
+        def body(y, step):
+            unit_params, unit_rest, unit_rates = step
+            unit = nnx.merge(graphdef, unit_params, unit_rest)
+            for j, block in enumerate(unit if self.group > 1 else [unit]):
+                kwargs = {} if unit_rates is None else {"drop_rate": unit_rates[j]}
+                y = block(y, train=train, **kwargs)
+            # Training moves BatchNorm statistics and drop-path random streams.
+            return y, (nnx.split(unit, nnx.Param, ...)[2] if train else None)
+
+        enabled, policy = remat_policy(remat)
+        if enabled:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, new_rest = jax.lax.scan(body, x, (params, rest, rates))
+        if train:
+            nnx.update(self.stacked, new_rest)
+        return x
 
 
 class DepthwiseConv(nnx.Module):
@@ -60,16 +175,40 @@ class DepthwiseConv(nnx.Module):
 
 
 class DropPath(nnx.Module):
-    """Stochastic depth on the residual branch; identity at eval or with rate 0."""
+    """Stochastic depth on the residual branch; identity at eval or with rate 0.
 
-    def __init__(self, rate: float, *, rngs):
-        self.rate = float(rate)
-        self.rngs = rngs["dropout"].fork() if self.rate > 0 else nnx.data(None)
+    Args:
+      rate: the probability of dropping a sample's branch.
+      per_call: the rate comes with each call instead (a block of a :class:`BlockStack`,
+        whose rates are scanned data); ``rate`` then only says whether the block gets a
+        stream of its own (rate > 0) or a fixed one that draws nothing from ``rngs``, so that
+        stacked blocks are identical modules and the model starts as the unrolled one.
+      rngs: the 'dropout' stream is forked from it when the block can drop.
+    """
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if not train or self.rate == 0.0:
+    def __init__(self, rate: float, *, per_call: bool = False, rngs):
+        self.rate = None if per_call else float(rate)
+        if rate > 0:
+            self.rngs = rngs["dropout"].fork()
+        elif per_call:  # its stacked siblings' structure (and tag), no draw from ``rngs``
+            self.rngs = nnx.RngStream(jax.random.key(0), tag=rngs["dropout"].tag)
+        else:
+            self.rngs = nnx.data(None)
+
+    def __call__(
+        self, x: jax.Array, *, train: bool, rate: jax.Array | float | None = None
+    ) -> jax.Array:
+        """``x`` (B, ...) with whole samples zeroed at ``self.rate`` (or ``rate`` when built
+        ``per_call``) and the rest rescaled by 1 / (1 - rate)."""
+        if self.rate is not None:
+            if not train or self.rate == 0.0:
+                return x
+            return kernels.drop_path(x, self.rate, self.rngs())
+        if rate is None:
+            raise ValueError("DropPath(per_call=True) needs the rate with each call.")
+        if not train:
             return x
-        return kernels.drop_path(x, self.rate, self.rngs())
+        return kernels.drop_path(x, rate, self.rngs())
 
 
 class LayerNorm(nnx.LayerNorm):

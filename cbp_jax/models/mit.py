@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbp_jax.models import kernels, layers
+from cbp_jax.models import kernels, layers, stacking
 from cbp_jax.models.layers import Dtype
 
 
@@ -115,44 +115,47 @@ class MixFFN(nnx.Module):
 class MiTBlock(nnx.Module):
     """x + DropPath(attn(LN(x))); x + DropPath(mixffn(LN(x)))."""
 
-    def __init__(self, dim, num_heads, sr_ratio, mlp_ratio, dpr, cfg, dwconv_impl, dtype, rngs):
+    def __init__(
+        self, dim, num_heads, sr_ratio, mlp_ratio, dpr, cfg, dwconv_impl, dtype, rngs, scanned=False
+    ):
         patch_eps = cfg.norm_eps if cfg.patch_norm_eps is None else cfg.patch_norm_eps
         self.norm1 = layers.layer_norm(dim, cfg.norm_eps, dtype, rngs)
         self.attn = EfficientAttention(dim, num_heads, sr_ratio, patch_eps, dtype, rngs)
         self.norm2 = layers.layer_norm(dim, cfg.norm_eps, dtype, rngs)
         self.mlp = MixFFN(dim, dim * mlp_ratio, dwconv_impl, dtype, rngs)
-        self.drop_path = layers.DropPath(dpr, rngs=rngs)
+        self.drop_path = layers.DropPath(dpr, per_call=scanned, rngs=rngs)
 
-    def __call__(self, x, *, train: bool):
-        x = x + self.drop_path(self.attn(self.norm1(x)), train=train)
-        return x + self.drop_path(self.mlp(self.norm2(x)), train=train)
+    def __call__(self, x, *, train: bool, drop_rate=None):
+        x = x + self.drop_path(self.attn(self.norm1(x)), train=train, rate=drop_rate)
+        return x + self.drop_path(self.mlp(self.norm2(x)), train=train, rate=drop_rate)
 
 
 class MiTStage(nnx.Module):
-    """Patch embedding, blocks, LayerNorm."""
+    """Patch embedding, blocks (a ``layers.BlockStack`` with ``scan``), LayerNorm."""
 
-    def __init__(self, s, din, dpr: Sequence[float], cfg, dwconv_impl, dtype, rngs):
+    def __init__(self, s, din, dpr: Sequence[float], cfg, dwconv_impl, dtype, rngs, scan=False):
         dim = cfg.embed_dims[s]
         patch_eps = cfg.norm_eps if cfg.patch_norm_eps is None else cfg.patch_norm_eps
         self.patch_embed = OverlapPatchEmbed(
             din, dim, cfg.patch_sizes[s], cfg.strides[s], patch_eps, dtype, rngs
         )
-        self.blocks = nnx.List(
-            [
-                MiTBlock(
-                    dim,
-                    cfg.num_heads[s],
-                    cfg.sr_ratios[s],
-                    cfg.mlp_ratio,
-                    rate,
-                    cfg,
-                    dwconv_impl,
-                    dtype,
-                    rngs,
-                )
-                for rate in dpr
-            ]
-        )
+        scan = scan and stacking.stage_stack("mit", len(dpr)) is not None
+        blocks = [
+            MiTBlock(
+                dim,
+                cfg.num_heads[s],
+                cfg.sr_ratios[s],
+                cfg.mlp_ratio,
+                rate,
+                cfg,
+                dwconv_impl,
+                dtype,
+                rngs,
+                scanned=scan and any(dpr),
+            )
+            for rate in dpr
+        ]
+        self.blocks = layers.BlockStack(blocks, dpr) if scan else nnx.List(blocks)
         self.norm = layers.layer_norm(dim, cfg.norm_eps, dtype, rngs)
         self.remat = False
 
@@ -170,10 +173,15 @@ class MixTransformer(nnx.Module):
       dtype: compute dtype (parameters stay float32); None keeps float32.
       dwconv_impl: 'auto' (shifted slices on CPU, XLA grouped conv elsewhere), 'xla',
         'shifted'.
-      remat: recompute each block's activations in the backward pass (less memory on
-        GPU/TPU; XLA:CPU merges the recomputation back).
+      remat: recompute block activations in the backward pass (less memory on GPU/TPU;
+        XLA:CPU merges the recomputation back): True, or a ``jax.checkpoint`` policy name
+        of ``layers.REMAT_POLICIES`` (what each block keeps).
+      scan_blocks: each stage's blocks as one ``layers.BlockStack`` (parameters stacked,
+        applied by ``jax.lax.scan``; ``cbp_jax.models.stacking`` converts the layouts).
       rngs: parameter init and the 'dropout' stream for stochastic depth.
     """
+
+    FAMILY = "mit"
 
     def __init__(
         self,
@@ -181,9 +189,11 @@ class MixTransformer(nnx.Module):
         *,
         dtype: Dtype = None,
         dwconv_impl: str = "auto",
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_blocks: bool = False,
         rngs: nnx.Rngs,
     ):
+        layers.remat_policy(remat)  # a ValueError naming the valid values
         n = len(config.depths)
         for field in ("embed_dims", "num_heads", "sr_ratios", "patch_sizes", "strides"):
             if len(getattr(config, field)) != n:
@@ -193,13 +203,12 @@ class MixTransformer(nnx.Module):
                 )
         self.config = config
         self.dims = tuple(config.embed_dims)
-        total = sum(config.depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages, start, din = [], 0, config.in_channels
-        for s, depth in enumerate(config.depths):
-            dpr = rates[start : start + depth]
-            stages.append(MiTStage(s, din, dpr, config, dwconv_impl, dtype, rngs))
-            start, din = start + depth, config.embed_dims[s]
+        self.scan_blocks = bool(scan_blocks)
+        stages, din = [], config.in_channels
+        rates = layers.drop_path_rates(config.drop_path_rate, config.depths)
+        for s, dpr in enumerate(rates):
+            stages.append(MiTStage(s, din, dpr, config, dwconv_impl, dtype, rngs, scan_blocks))
+            din = config.embed_dims[s]
         for stage in stages:
             stage.remat = remat
         self.stages = nnx.List(stages)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbp_jax.models import layers
+from cbp_jax.models import layers, stacking
 from cbp_jax.models.layers import Dtype
 
 
@@ -87,7 +87,7 @@ class Bottleneck(nnx.Module):
     """relu(x' + DropPath(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))))), x' the
     shortcut (x, or conv 1x1 + BN when the stride or width changes)."""
 
-    def __init__(self, din, planes, stride, dilation, dpr, dtype, rngs):
+    def __init__(self, din, planes, stride, dilation, dpr, dtype, rngs, scanned=False):
         dout = planes * EXPANSION
         self.conv1 = ConvBN(din, planes, 1, dtype=dtype, rngs=rngs)
         self.conv2 = ConvBN(
@@ -100,14 +100,14 @@ class Bottleneck(nnx.Module):
             if needs_projection
             else None
         )
-        self.drop_path = layers.DropPath(dpr, rngs=rngs)
+        self.drop_path = layers.DropPath(dpr, per_call=scanned, rngs=rngs)
 
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, drop_rate=None):
         y = jax.nn.relu(self.conv1(x, train=train))
         y = jax.nn.relu(self.conv2(y, train=train))
         y = self.conv3(y, train=train)
         shortcut = x if self.downsample is None else self.downsample(x, train=train)
-        return jax.nn.relu(shortcut + self.drop_path(y, train=train))
+        return jax.nn.relu(shortcut + self.drop_path(y, train=train, rate=drop_rate))
 
 
 class ResNetV1c(nnx.Module):
@@ -119,13 +119,25 @@ class ResNetV1c(nnx.Module):
     Args:
       config: the architecture.
       dtype: compute dtype (parameters and BN statistics stay float32); None keeps float32.
-      remat: recompute each block's activations in the backward pass (less memory).
+      remat: recompute block activations in the backward pass (less memory): True, or a
+        ``jax.checkpoint`` policy name of ``layers.REMAT_POLICIES`` (what each block keeps).
+      scan_blocks: each stage's blocks after the first as one ``layers.BlockStack``
+        (``stages[i]`` is then [first block, stack]), applied by ``jax.lax.scan``.
       rngs: parameter init and the 'dropout' stream (stochastic depth, if enabled).
     """
 
+    FAMILY = "resnet"
+
     def __init__(
-        self, config: ResNetConfig, *, dtype: Dtype = None, remat: bool = False, rngs: nnx.Rngs
+        self,
+        config: ResNetConfig,
+        *,
+        dtype: Dtype = None,
+        remat: bool | str = False,
+        scan_blocks: bool = False,
+        rngs: nnx.Rngs,
     ):
+        layers.remat_policy(remat)  # a ValueError naming the valid values
         n = len(config.depths)
         if not len(config.strides) == len(config.dilations) == n:
             raise ValueError(
@@ -134,6 +146,7 @@ class ResNetV1c(nnx.Module):
             )
         self.config = config
         self.remat = remat
+        self.scan_blocks = bool(scan_blocks)
         half = config.stem_channels // 2
         self.stem = nnx.List(
             [
@@ -144,27 +157,29 @@ class ResNetV1c(nnx.Module):
         )
         planes = [config.base_channels * 2**i for i in range(n)]
         self.dims = tuple(p * EXPANSION for p in planes)
-        total = sum(config.depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages, din, start = [], config.stem_channels, 0
-        for i, depth in enumerate(config.depths):
+        stages, din = [], config.stem_channels
+        for i, dprs in enumerate(layers.drop_path_rates(config.drop_path_rate, config.depths)):
             dilation = config.dilations[i]
             first = dilation // 2 if dilation > 1 and config.contract_dilation else dilation
+            scan = scan_blocks and stacking.stage_stack("resnet", len(dprs)) is not None
             blocks = []
-            for j in range(depth):
+            for j, rate in enumerate(dprs):
                 blocks.append(
                     Bottleneck(
                         din if j == 0 else self.dims[i],
                         planes[i],
                         config.strides[i] if j == 0 else 1,
                         first if j == 0 else dilation,
-                        rates[start + j],
+                        rate,
                         dtype,
                         rngs,
+                        scanned=scan and j > 0 and any(dprs[1:]),
                     )
                 )
+            if scan:  # the first (downsampling) block, then the identical ones stacked
+                blocks = [blocks[0], layers.BlockStack(blocks[1:], dprs[1:])]
             stages.append(nnx.List(blocks))
-            din, start = self.dims[i], start + depth
+            din = self.dims[i]
         self.stages = nnx.List(stages)
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> list[jax.Array]:

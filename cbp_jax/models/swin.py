@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cbp_jax.models import kernels, layers
+from cbp_jax.models import kernels, layers, stacking
 from cbp_jax.models.layers import Dtype
 
 
@@ -161,14 +161,14 @@ class SwinMLP(nnx.Module):
 class SwinBlock(nnx.Module):
     """(Shifted-)window attention and MLP, each pre-LayerNorm with DropPath + residual."""
 
-    def __init__(self, dim, num_heads, shift, dpr, cfg, dtype, rngs):
+    def __init__(self, dim, num_heads, shift, dpr, cfg, dtype, rngs, scanned=False):
         self.window = cfg.window_size
         self.shift = cfg.window_size // 2 if shift else 0
         self.norm1 = layers.layer_norm(dim, cfg.norm_eps, dtype, rngs)
         self.attn = WindowAttention(dim, num_heads, cfg.window_size, dtype, rngs)
         self.norm2 = layers.layer_norm(dim, cfg.norm_eps, dtype, rngs)
         self.mlp = SwinMLP(dim, dim * cfg.mlp_ratio, dtype, rngs)
-        self.drop_path = layers.DropPath(dpr, rngs=rngs)
+        self.drop_path = layers.DropPath(dpr, per_call=scanned, rngs=rngs)
 
     def _attention(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C): pad, roll, attend per window, unroll, crop."""
@@ -183,9 +183,9 @@ class SwinBlock(nnx.Module):
             x = jnp.roll(x, (self.shift, self.shift), axis=(1, 2))
         return x[:, :h, :w]
 
-    def __call__(self, x, *, train: bool):
-        x = x + self.drop_path(self._attention(self.norm1(x)), train=train)
-        return x + self.drop_path(self.mlp(self.norm2(x)), train=train)
+    def __call__(self, x, *, train: bool, drop_rate=None):
+        x = x + self.drop_path(self._attention(self.norm1(x)), train=train, rate=drop_rate)
+        return x + self.drop_path(self.mlp(self.norm2(x)), train=train, rate=drop_rate)
 
 
 class PatchMerging(nnx.Module):
@@ -204,12 +204,18 @@ class PatchMerging(nnx.Module):
 
 
 class SwinStage(nnx.Module):
-    """Blocks (even: window attention, odd: shifted) then, except last, patch merging."""
+    """Blocks (even: window attention, odd: shifted) then, except last, patch merging.
 
-    def __init__(self, dim, num_heads, dprs, downsample, cfg, dtype, rngs):
-        self.blocks = nnx.List(
-            [SwinBlock(dim, num_heads, j % 2 == 1, r, cfg, dtype, rngs) for j, r in enumerate(dprs)]
-        )
+    With ``scan`` and an even depth the blocks are a ``layers.BlockStack`` of (window,
+    shifted window) pairs."""
+
+    def __init__(self, dim, num_heads, dprs, downsample, cfg, dtype, rngs, scan=False):
+        scan = scan and stacking.stage_stack("swin", len(dprs)) is not None
+        blocks = [
+            SwinBlock(dim, num_heads, j % 2 == 1, r, cfg, dtype, rngs, scanned=scan and any(dprs))
+            for j, r in enumerate(dprs)
+        ]
+        self.blocks = layers.BlockStack(blocks, dprs, group=2) if scan else nnx.List(blocks)
         self.downsample = PatchMerging(dim, cfg.norm_eps, dtype, rngs) if downsample else None
         self.remat = False
 
@@ -223,13 +229,25 @@ class SwinTransformer(nnx.Module):
     Args:
       config: the architecture.
       dtype: compute dtype (parameters stay float32); None keeps float32.
-      remat: recompute each block's activations in the backward pass (less memory).
+      remat: recompute block activations in the backward pass (less memory): True, or a
+        ``jax.checkpoint`` policy name of ``layers.REMAT_POLICIES`` (what each block keeps).
+      scan_blocks: each stage of even depth as one ``layers.BlockStack`` of (window,
+        shifted window) pairs, applied by ``jax.lax.scan`` (an odd depth stays unrolled).
       rngs: parameter init and the 'dropout' stream for stochastic depth.
     """
 
+    FAMILY = "swin"
+
     def __init__(
-        self, config: SwinConfig, *, dtype: Dtype = None, remat: bool = False, rngs: nnx.Rngs
+        self,
+        config: SwinConfig,
+        *,
+        dtype: Dtype = None,
+        remat: bool | str = False,
+        scan_blocks: bool = False,
+        rngs: nnx.Rngs,
     ):
+        layers.remat_policy(remat)  # a ValueError naming the valid values
         if len(config.depths) != len(config.num_heads):
             raise ValueError(
                 f"SwinConfig depths={config.depths} and num_heads={config.num_heads} differ in "
@@ -240,6 +258,7 @@ class SwinTransformer(nnx.Module):
         self.config = config
         self.dims = tuple(config.embed_dim * 2**i for i in range(len(config.depths)))
         self.patch_size = config.patch_size
+        self.scan_blocks = bool(scan_blocks)
         self.patch_embed_proj = layers.Conv(
             config.in_channels,
             config.embed_dim,
@@ -249,14 +268,13 @@ class SwinTransformer(nnx.Module):
             rngs=rngs,
         )
         self.patch_embed_norm = layers.layer_norm(config.embed_dim, config.norm_eps, dtype, rngs)
-        total = sum(config.depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages, start = [], 0
-        for i, (depth, heads) in enumerate(zip(config.depths, config.num_heads, strict=True)):
+        rates = layers.drop_path_rates(config.drop_path_rate, config.depths)
+        stages = []
+        for i, (dprs, heads) in enumerate(zip(rates, config.num_heads, strict=True)):
             last = i == len(config.depths) - 1
-            dprs = rates[start : start + depth]
-            stages.append(SwinStage(self.dims[i], heads, dprs, not last, config, dtype, rngs))
-            start += depth
+            stages.append(
+                SwinStage(self.dims[i], heads, dprs, not last, config, dtype, rngs, scan_blocks)
+            )
         for stage in stages:
             stage.remat = remat
         self.stages = nnx.List(stages)

@@ -6,11 +6,13 @@ import dataclasses
 import os
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cbp_jax.models import stacking
 from cbp_jax.models.convnext import ConvNeXt
 from cbp_jax.models.mit import MixTransformer
 from cbp_jax.models.resnet import ResNetV1c
@@ -97,13 +99,14 @@ def _map_state_dict(
     sd: dict[str, np.ndarray],
     fmt: Format,
     prefix: str,
-    variables: dict[str, nnx.Variable],
+    variables: dict[str, Any],
     *,
     is_segmentor: bool,
     ignore: Sequence[str],
 ) -> _Mapping:
     """Maps every checkpoint tensor through ``fmt``'s encoder rules (keys under ``prefix``),
-    then its head rules; transforms and shape-checks each value against ``variables``."""
+    then its head rules; transforms and shape-checks each value against ``variables``
+    (unrolled names -> Variables or arrays)."""
     enc_prefix = "encoder." if is_segmentor else ""
     ignore_pats = [re.compile(p) for p in ignore]
     out = _Mapping()
@@ -147,7 +150,7 @@ def _map_state_dict(
 
 
 def _fresh_parts(
-    mapping: _Mapping, variables: dict[str, nnx.Variable], is_segmentor: bool
+    mapping: _Mapping, variables: dict[str, Any], is_segmentor: bool
 ) -> tuple[dict[str, int], list[str]]:
     """(allowed fresh part -> variable count, variables that wrongly get no value)."""
     loaded_parts = {_part(t, is_segmentor) for t in mapping.values}
@@ -201,6 +204,10 @@ def load_pretrained(
 ) -> LoadReport:
     """Loads a PyTorch checkpoint into an encoder or a segmentor, in place.
 
+    A model with ``scan_blocks`` is filled through its unrolled view
+    (``models.stacking.unstack_blocks``): every format maps to the unrolled names, and the
+    values are stacked back into the model's variables.
+
     Args:
       module: a ``MixTransformer`` / ``ConvNeXt`` / ``SwinTransformer`` / ``ResNetV1c``
         encoder or a ``Segmentor``.
@@ -225,17 +232,29 @@ def load_pretrained(
     sd, resolved = read_state_dict(path, trust_pickle=trust_pickle)
     fmt, prefix = detect(list(sd), family)
     variables = targets(module)
-    mapping = _map_state_dict(sd, fmt, prefix, variables, is_segmentor=is_segmentor, ignore=ignore)
-    fresh, bad_missing = _fresh_parts(mapping, variables, is_segmentor)
+    stacks = stacking.module_plan(module)
+    # Unrolled names -> Variables, or (a scanned model) -> the current values.
+    unrolled = (
+        stacking.unstack_blocks({k: v[...] for k, v in variables.items()}, stacks)
+        if stacks
+        else variables
+    )
+    mapping = _map_state_dict(sd, fmt, prefix, unrolled, is_segmentor=is_segmentor, ignore=ignore)
+    fresh, bad_missing = _fresh_parts(mapping, unrolled, is_segmentor)
     problems = _problems(mapping, fmt, bad_missing)
     if problems:
         raise ValueError(
             f"load_pretrained({resolved!r}) as {fmt.name} (prefix {prefix!r}) failed; nothing "
             "was written.\n- " + "\n- ".join(problems)
         )
-    for dst, val in mapping.values.items():
-        var = variables[dst]
-        var[...] = jnp.asarray(val, dtype=var[...].dtype)
+    if stacks:
+        merged = stacking.stack_blocks(unrolled | mapping.values, stacks)
+        for name, var in variables.items():
+            var[...] = jnp.asarray(merged[name], dtype=var[...].dtype)
+    else:
+        for dst, val in mapping.values.items():
+            var = variables[dst]
+            var[...] = jnp.asarray(val, dtype=var[...].dtype)
     report = LoadReport(
         path=resolved,
         format=fmt.name + (f", prefix {prefix!r}" if prefix else ""),

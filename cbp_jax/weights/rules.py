@@ -17,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 from flax import nnx
 
+from cbp_jax.models import stacking
+
 Rule = tuple[re.Pattern, list[tuple[str | Callable, Callable]]]
 
 B = r"(\d+)"  # a block or stage index in a source regex
@@ -280,15 +282,17 @@ def invert_rules(
 def export_state_dict(module: nnx.Module, table: list[Rule]) -> dict[str, np.ndarray]:
     """``{checkpoint key: array}`` of every ``Param`` / ``BatchStat`` of ``module`` by the
     inverse rules ``table`` (parts of a fused tensor concatenated in order); a variable that
-    no rule maps, or a fused tensor with a part missing, is an error listing them."""
+    no rule maps, or a fused tensor with a part missing, is an error listing them. A model
+    with ``scan_blocks`` is read through its unrolled view (the names the tables know)."""
     out, unmapped, pieces = {}, [], {}
-    for name, var in targets(module).items():
+    values = {name: var[...] for name, var in targets(module).items()}
+    for name, array in stacking.unstack_blocks(values, stacking.module_plan(module)).items():
         mapped = match(table, name)
         if mapped is None:
             unmapped.append(name)
             continue
         for key, fn in mapped:
-            value = fn(np.asarray(var[...], np.float32))
+            value = fn(np.asarray(array, np.float32))
             if isinstance(value, _Piece):
                 pieces.setdefault(key, [None] * value.count)[value.index] = value.array
             else:
