@@ -34,7 +34,7 @@ def test_config_mistakes_are_one_line(tmp_path):
 
     line = _one_error_line(_run("predict.py", "--config", SMOKE[:-1], cwd=tmp_path))
     assert line.startswith(f"error: --config {SMOKE[:-1]}: ValueError: unknown config variant")
-    assert "'smok'; known: ('smoke', 'baseline')" in line
+    assert "'smok'; known: ('smoke', 'baseline', 'paper')" in line
 
     line = _one_error_line(_run("train.py", "--config", str(tmp_path / "none.py"), cwd=tmp_path))
     assert line == f"error: --config {tmp_path / 'none.py'}: no such file {tmp_path / 'none.py'}."
