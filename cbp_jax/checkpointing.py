@@ -26,7 +26,7 @@ def is_prng_key(x) -> bool:
 
 
 def _flat_names(tree) -> list[str]:
-    return [path_name(p).replace("/", ".") for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    return [path_name(p, sep=".") for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def keys_as_data(tree):

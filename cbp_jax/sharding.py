@@ -249,8 +249,9 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 2**14) -> P:
     return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
 
 
-def path_name(path) -> str:
-    """``"encoder/stages/0/blocks/1/fc1/kernel"`` for a pytree key path."""
+def path_name(path, sep: str = "/") -> str:
+    """``"encoder/stages/0/blocks/1/fc1/kernel"`` for a pytree key path (parts joined by
+    ``sep``)."""
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -259,7 +260,7 @@ def path_name(path) -> str:
                 break
         else:
             parts.append(str(key))
-    return "/".join(parts)
+    return sep.join(parts)
 
 
 def partition_specs(tree, rules: Sequence[tuple[str, str]], mesh: Mesh):

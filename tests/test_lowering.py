@@ -102,11 +102,9 @@ def _lowered_ndim(a) -> int:
     return a.ndim + int(jnp.issubdtype(a.dtype, jax.dtypes.prng_key))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", sorted(FAMILIES))
-def test_train_and_eval_steps_lower_for_tpu_and_cuda(model):
-    name, depthwise = FAMILIES[model]
-    config = load_config(name, None)
+def abstract_steps(config) -> tuple[tuple, tuple]:
+    """The train and eval steps of ``config`` on the abstract 4 x 2 mesh, traced:
+    ``((train, its named inputs), (eval, its named inputs))`` for :func:`_check_module`."""
     config.mesh.update(data=4, fsdp=2)
     mesh = _abstract_mesh()
     setup = factories.TrainSetup(config, mesh)
@@ -117,15 +115,20 @@ def test_train_and_eval_steps_lower_for_tpu_and_cuda(model):
     }
     train_inputs = _named("state", setup.state_shardings, setup.abstract_state)
     train_inputs |= _named("batch", {k: setup.batch_sharding for k in batch}, batch)
-    traced = setup.train_step().trace(setup.abstract_state, batch)
-
+    train = setup.train_step().trace(setup.abstract_state, batch)
     model_state = {k: setup.abstract_state[k] for k in ("params", "model_state")}
     images = jax.ShapeDtypeStruct((8, h, w, 3), jnp.float32)
     eval_inputs = _named("state", setup.model_shardings(), model_state)
     eval_inputs |= _named("images", setup.batch_sharding, images)
     eval_fn = factories.eval_step(factories.eval_graphdef(config), setup.model_shardings(), mesh)
-    eval_traced = eval_fn.trace(model_state, images)
+    return (train, train_inputs), (eval_fn.trace(model_state, images), eval_inputs)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(FAMILIES))
+def test_train_and_eval_steps_lower_for_tpu_and_cuda(model):
+    name, depthwise = FAMILIES[model]
+    (traced, train_inputs), (eval_traced, eval_inputs) = abstract_steps(load_config(name, None))
     for platform in PLATFORMS:
         lowered = traced.lower(lowering_platforms=(platform,))
         counts = _check_module(lowered, platform, train_inputs, depthwise, UNUSED_IN_TRAIN)

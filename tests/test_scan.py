@@ -481,30 +481,14 @@ def test_scanned_train_and_eval_steps_lower_for_cuda_with_fsdp(name):
     """The paper models with scan_blocks lower for CUDA on a 4 x 2 mesh with every state
     leaf sharded as the partition rules say (``test_lowering``'s checks) and one scanned body
     per stage."""
-    from test_lowering import UNUSED_IN_EVAL, UNUSED_IN_TRAIN, _abstract_mesh, _check_module, _named
+    from test_lowering import UNUSED_IN_EVAL, UNUSED_IN_TRAIN, _check_module, abstract_steps
 
     config = load_config(name, None)
     config.model.scan_blocks = True
-    config.mesh.update(data=4, fsdp=2)
-    mesh = _abstract_mesh()
-    setup = factories.TrainSetup(config, mesh)
-    h, w = config.data.crop_size
-    batch = {
-        "image": jax.ShapeDtypeStruct((config.batch_size, h, w, 3), jnp.float32),
-        "label": jax.ShapeDtypeStruct((config.batch_size, h, w), jnp.int32),
-    }
-    inputs = _named("state", setup.state_shardings, setup.abstract_state)
-    inputs |= _named("batch", {k: setup.batch_sharding for k in batch}, batch)
-    lowered = (
-        setup.train_step().trace(setup.abstract_state, batch).lower(lowering_platforms=("cuda",))
-    )
+    (train, inputs), (eval_traced, eval_inputs) = abstract_steps(config)
+    lowered = train.lower(lowering_platforms=("cuda",))
     counts = _check_module(lowered, "cuda", inputs, name.endswith("mit_b5"), UNUSED_IN_TRAIN)
     assert counts["fsdp"] > 20, counts
     assert lowered.as_text().count("stablehlo.while") >= 4  # a loop per stage
-    model_state = {k: setup.abstract_state[k] for k in ("params", "model_state")}
-    images = jax.ShapeDtypeStruct((8, h, w, 3), jnp.float32)
-    eval_inputs = _named("state", setup.model_shardings(), model_state)
-    eval_inputs |= _named("images", setup.batch_sharding, images)
-    eval_fn = factories.eval_step(factories.eval_graphdef(config), setup.model_shardings(), mesh)
-    lowered = eval_fn.trace(model_state, images).lower(lowering_platforms=("cuda",))
+    lowered = eval_traced.lower(lowering_platforms=("cuda",))
     _check_module(lowered, "cuda", eval_inputs, name.endswith("mit_b5"), UNUSED_IN_EVAL)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbp_jax import sharding
 from cbp_jax.models import layers
 
 FAMILIES = ("mit", "convnext", "swin", "resnet")
@@ -209,10 +210,10 @@ def convert_tree(tree: Any, source: Sequence[Stack], target: Sequence[Stack], li
       ValueError: the converted names are not ``like``'s (another architecture).
     """
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    flat = {_dotted(path): leaf for path, leaf in leaves}
+    flat = {sharding.path_name(path, sep="."): leaf for path, leaf in leaves}
     converted = stack_blocks(unstack_blocks(flat, source), target)
     like_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-    names = [_dotted(path) for path, _ in like_leaves]
+    names = [sharding.path_name(path, sep=".") for path, _ in like_leaves]
     if set(names) != set(converted):
         odd = sorted(set(names) ^ set(converted))
         raise ValueError(
@@ -220,16 +221,3 @@ def convert_tree(tree: Any, source: Sequence[Stack], target: Sequence[Stack], li
             f"(e.g. {odd[:4]}): the two layouts are of different architectures."
         )
     return jax.tree_util.tree_unflatten(treedef, [converted[n] for n in names])
-
-
-def _dotted(path) -> str:
-    """``"stages.0.blocks.1.norm1.scale.value"`` of a pytree key path."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
